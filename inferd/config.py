@@ -1,0 +1,133 @@
+"""Typed engine configuration. Every CLI flag of `inferd serve|generate` maps to a field here.
+
+Errors raised here are `ConfigError`s that quote the values and say how to fix them.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class ConfigError(ValueError):
+    pass
+
+
+_BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.I)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20,
+          "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
+
+
+def parse_bytes(value: str | int | float) -> int:
+    """'4GiB' -> 4294967296; '512MB' -> 512e6; a bare number is bytes."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    m = _BYTES_RE.match(value)
+    if not m or (m.group(2) or "").lower() not in _UNITS:
+        raise ConfigError(f"cannot read {value!r} as a size; write e.g. 4GiB, 512MiB or 2000000000")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU runs bf16 matmuls natively (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    if dtype not in _DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of auto, float32, bfloat16, float16")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r} is not one of auto, cpu, cuda")
+    return device
+
+
+@dataclass
+class ModelConfig:
+    model: str
+    """Local HF directory, a .gguf file, or a hub id."""
+    tokenizer: str | None = None
+    revision: str | None = None
+    download_dir: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    served_model_name: list[str] = field(default_factory=list)
+    generation_config: str = "auto"
+    """'auto' reads the model's generation_config.json; 'vllm' ignores it; or a folder path."""
+    seed: int = 0
+    runner: str = "auto"
+    """auto | generate | pooling"""
+    convert: str = "auto"
+    """auto | embed | classify: run a causal LM as a pooler."""
+    pooler_config: dict[str, Any] | None = None
+    enforce_eager: bool = False
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_memory: str | None = None
+    """KV pool size on CPU, e.g. '4GiB'. Default: 4 GiB, capped at a quarter of free RAM."""
+    gpu_memory_utilization: float = 0.92
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None
+    """Exact pool size in blocks (tests use tiny pools to force preemption)."""
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    """Per-step token budget; chunked prefill splits prompts to fit it. Default 2048."""
+    max_num_queued_requests: int | None = None
+    enable_chunked_prefill: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.device = resolve_device(self.device)
+        if self.cache.block_size not in (8, 16, 32, 64, 128):
+            raise ConfigError(f"--block-size {self.cache.block_size} must be one of 8, 16, 32, 64, 128")
+        if self.scheduler.max_num_seqs < 1:
+            raise ConfigError("--max-num-seqs must be >= 1")
+        if self.scheduler.max_num_batched_tokens is not None and self.scheduler.max_num_batched_tokens < 1:
+            raise ConfigError("--max-num-batched-tokens must be >= 1")
+        if not 0.0 < self.cache.gpu_memory_utilization <= 1.0:
+            raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
