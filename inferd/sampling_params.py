@@ -197,3 +197,5 @@ class PoolingParams:
     normalize: bool | None = None  # None: the model's pooler config decides
     use_activation: bool | None = None  # softmax/sigmoid for classify/score
     truncate_prompt_tokens: int | None = None
+    # Segment ids for BERT-style pair inputs (cross-encoders); None means all zeros.
+    token_type_ids: list[int] | None = None

@@ -1,0 +1,123 @@
+"""The engine process: EngineCore's step loop behind two ZMQ sockets.
+
+Started by `AsyncLLM` as `python -m inferd.engine.core_proc IN_ADDR OUT_ADDR`, with the
+EngineConfig as JSON on stdin. Messages are msgspec-encoded structs; nothing is pickled.
+Inputs: [type byte, payload]. Outputs: an EngineReady handshake, then EngineCoreOutputs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+
+import msgspec
+import zmq
+
+from inferd.config import EngineConfig
+from inferd.engine.protocol import (EngineCoreOutputs, EngineCoreRequest, EngineCoreRequestType)
+
+logger = logging.getLogger("inferd.engine")
+
+
+class EngineReady(msgspec.Struct):
+    max_model_len: int
+    num_blocks: int
+    block_size: int
+    pid: int
+    error: str | None = None
+
+
+def encode_config(config: EngineConfig) -> bytes:
+    return msgspec.json.encode(config)
+
+
+def decode_config(data: bytes) -> EngineConfig:
+    return msgspec.json.decode(data, type=EngineConfig)
+
+
+class EngineCoreProc:
+    def __init__(self, config: EngineConfig, in_addr: str, out_addr: str, ready_addr: str):
+        self.ctx = zmq.Context()
+        self.inp = self.ctx.socket(zmq.PULL)
+        self.inp.connect(in_addr)
+        self.out = self.ctx.socket(zmq.PUSH)
+        self.out.connect(out_addr)
+        self.enc = msgspec.msgpack.Encoder()
+        self.add_dec = msgspec.msgpack.Decoder(EngineCoreRequest)
+        self.abort_dec = msgspec.msgpack.Decoder(list[str])
+        ready = self.ctx.socket(zmq.PUSH)
+        ready.connect(ready_addr)
+        try:
+            try:
+                from inferd.engine.core import EngineCore
+                self.core = EngineCore(config)
+            except Exception as e:  # report start-up failures (bad flags, bad model) to the frontend
+                logger.error("engine failed to start: %s", e)
+                ready.send(msgspec.msgpack.encode(EngineReady(0, 0, 0, os.getpid(), error=str(e))))
+                raise SystemExit(1)
+            ready.send(msgspec.msgpack.encode(EngineReady(
+                self.core.max_model_len, self.core.num_blocks, config.cache.block_size, os.getpid())))
+        finally:
+            ready.close(linger=2000)
+        self.running = True
+
+    def _handle(self, frames: list[bytes]) -> list:
+        kind = EngineCoreRequestType(frames[0][0])
+        early = []
+        if kind == EngineCoreRequestType.ADD:
+            out = self.core.add_request(self.add_dec.decode(frames[1]))
+            if out is not None:
+                early.append(out)
+        elif kind == EngineCoreRequestType.ABORT:
+            self.core.abort(self.abort_dec.decode(frames[1]))
+        elif kind == EngineCoreRequestType.SHUTDOWN:
+            self.running = False
+        return early
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.inp, zmq.POLLIN)
+        while self.running:
+            # Block while idle; while busy, only drain what has already arrived.
+            timeout = 0 if self.core.has_unfinished() else 1000
+            early = []
+            while poller.poll(timeout):
+                early += self._handle(self.inp.recv_multipart())
+                timeout = 0
+                if not self.running:
+                    return
+            if early:
+                self.out.send(self.enc.encode(EngineCoreOutputs(early, time.monotonic())))
+            if self.core.has_unfinished():
+                self.out.send(self.enc.encode(self.core.step()))
+
+    def close(self) -> None:
+        self.inp.close(linger=0)
+        self.out.close(linger=0)
+        self.ctx.term()
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("INFERD_LOG_LEVEL", "INFO"),
+                        format="(EngineCore pid=%(process)d) %(levelname)s %(asctime)s %(message)s",
+                        datefmt="%m-%d %H:%M:%S")
+    in_addr, out_addr, ready_addr = sys.argv[1], sys.argv[2], sys.argv[3]
+    config = decode_config(sys.stdin.buffer.read())
+    # The API server owns shutdown; Ctrl-C in a terminal must not kill the engine mid-step first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    proc = EngineCoreProc(config, in_addr, out_addr, ready_addr)
+    try:
+        proc.run()
+    except Exception as e:
+        logger.exception("engine loop failed")
+        proc.out.send(proc.enc.encode(EngineCoreOutputs([], time.monotonic(), engine_error=str(e))))
+        raise SystemExit(1)
+    finally:
+        proc.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""SchedulerOutput -> model forward -> sampled tokens (or pooled vectors) per request."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from inferd.attention.metadata import AttentionMetadata, build_attention_metadata
+from inferd.request import Request
+from inferd.scheduler.output import ScheduledRequest, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+LogprobRow = tuple[list[int], list[float], list[int]]  # token ids, logprobs, ranks
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, LogprobRow] = field(default_factory=dict)
+    # Prompt logprobs computed this step, per request: one row per prompt position covered.
+    prompt_logprobs: dict[str, list[LogprobRow]] = field(default_factory=dict)
+    pooled: dict[str, list[float]] = field(default_factory=dict)
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros whose pages are committed only when written (CPU): idle RSS stays small.
+
+    Zeros, not `empty`: masked attention still multiplies unused slots by 0, and 0 * NaN
+    from stale memory would poison the result.
+    """
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    np_dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[itemsize]
+    # numpy's large zeros come from calloc -> mmap, i.e. untouched zero pages.
+    return torch.from_numpy(np.zeros(shape, dtype=np_dtype)).view(dtype)
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                 block_size: int, vocab_size: int):
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.kv_caches: list[torch.Tensor] = []
+        self.generators: dict[str, torch.Generator] = {}
+        self.grammar_states: dict[str, object] = {}
+        self.grammar_manager = None  # set by the engine when a structured request arrives
+        from inferd.sample.sampler import Sampler
+        self.sampler = Sampler()
+
+    # --- KV cache ------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        layers = self.model.attention_layers()
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return sum(2 * self.block_size * a.num_kv_heads * a.head_dim * itemsize for a in layers)
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.kv_caches = []
+        for layer in self.model.attention_layers():
+            cache = lazy_zeros((2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim),
+                               self.dtype, self.device)
+            layer.kv_cache = cache
+            self.kv_caches.append(cache)
+
+    # --- one step ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        out = ModelRunnerOutput()
+        if sched.is_empty:
+            return out
+        input_ids, positions, meta = self._prepare_inputs(sched.scheduled)
+        hidden = self.model(input_ids, positions, meta)
+        pooling = [s for s in sched.scheduled if s.request.is_pooling]
+        if pooling:
+            self._pool(hidden, meta, sched.scheduled, out)
+            return out
+        self._compute_prompt_logprobs(hidden, meta, sched.scheduled, out)
+        sampling = [(i, s) for i, s in enumerate(sched.scheduled) if s.samples]
+        if not sampling:
+            return out
+        rows = torch.tensor([meta.query_start_loc[i + 1] - 1 for i, _ in sampling], device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        self._sample(logits, [s.request for _, s in sampling], out)
+        return out
+
+    def _prepare_inputs(self, scheduled: list[ScheduledRequest]
+                        ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        tokens: list[int] = []
+        positions: list[np.ndarray] = []
+        ctx, qlens, tables = [], [], []
+        for s in scheduled:
+            start, n = s.num_computed_tokens, s.num_new_tokens
+            tokens.extend(s.request.all_token_ids[start:start + n])
+            positions.append(np.arange(start, start + n, dtype=np.int64))
+            ctx.append(start)
+            qlens.append(n)
+            tables.append(s.block_ids)
+        meta = build_attention_metadata(ctx, qlens, tables, self.block_size, self.device)
+        input_ids = torch.tensor(tokens, dtype=torch.int64, device=self.device)
+        pos = torch.from_numpy(np.concatenate(positions)).to(self.device)
+        return input_ids, pos, meta
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request], out: ModelRunnerOutput) -> None:
+        from inferd.sample.metadata import SamplingMetadata
+        params = [r.sampling_params for r in reqs]
+        gens = [self._generator(r) for r in reqs]
+        self._apply_grammars(logits, reqs)
+        meta = SamplingMetadata.build(params, [r.prompt_token_ids for r in reqs],
+                                      [r.output_token_ids for r in reqs], gens,
+                                      [r.eos_token_ids for r in reqs], logits.shape[-1], self.device)
+        res = self.sampler(logits, meta)
+        sampled = res.sampled_token_ids.tolist()
+        for r, tok in zip(reqs, sampled):
+            out.sampled[r.request_id] = tok
+        if res.logprobs is not None:
+            ids, lps = res.logprob_token_ids.tolist(), res.logprobs.tolist()
+            ranks = res.sampled_ranks.tolist()
+            for i, r in enumerate(reqs):
+                k = r.sampling_params.logprobs
+                if k is None:
+                    continue
+                k = self.vocab_size if k < 0 else k
+                out.logprobs[r.request_id] = (ids[i][: k + 1], lps[i][: k + 1],
+                                              [ranks[i]] + list(range(1, k + 1)))
+        self._advance_grammars(reqs, sampled)
+
+    def _generator(self, r: Request) -> torch.Generator | None:
+        seed = r.sampling_params.seed
+        if seed is None or r.sampling_params.greedy:
+            return None
+        g = self.generators.get(r.request_id)
+        if g is None:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+            self.generators[r.request_id] = g
+        return g
+
+    def _compute_prompt_logprobs(self, hidden, meta, scheduled, out) -> None:
+        from inferd.sample.ops import compute_topk_logprobs
+        for i, s in enumerate(scheduled):
+            r = s.request
+            k = r.sampling_params.prompt_logprobs if r.sampling_params else None
+            if k is None or s.num_computed_tokens >= r.num_prompt_tokens:
+                continue
+            start = meta.query_start_loc[i]
+            # Position p predicts prompt token p+1; the last prompt position predicts an output.
+            n = min(s.num_new_tokens, r.num_prompt_tokens - 1 - s.num_computed_tokens)
+            if n <= 0:
+                out.prompt_logprobs.setdefault(r.request_id, [])
+                continue
+            logits = self.model.compute_logits(hidden[start:start + n])
+            targets = torch.tensor(r.prompt_token_ids[s.num_computed_tokens + 1:
+                                                      s.num_computed_tokens + 1 + n], device=self.device)
+            k = self.vocab_size if k < 0 else k
+            ids, lps, ranks = compute_topk_logprobs(logits, targets, k)
+            ids, lps, ranks = ids.tolist(), lps.tolist(), ranks.tolist()
+            out.prompt_logprobs[r.request_id] = [
+                (ids[j], lps[j], [ranks[j]] + list(range(1, k + 1))) for j in range(n)]
+
+    def _pool(self, hidden, meta, scheduled, out) -> None:
+        params = [s.request.pooling_params for s in scheduled]
+        vectors = self.model.pool(hidden, meta, params)
+        for s, v in zip(scheduled, vectors):
+            if s.samples:
+                out.pooled[s.request.request_id] = v.float().tolist()
+
+    # --- structured outputs ----------------------------------------------------------------
+    def _apply_grammars(self, logits: torch.Tensor, reqs: list[Request]) -> None:
+        rows = [i for i, r in enumerate(reqs) if r.request_id in self.grammar_states]
+        if not rows:
+            return
+        from inferd.structured import apply_bitmask
+        bitmask = self.grammar_manager.allocate_bitmask(len(reqs))
+        for i in rows:
+            self.grammar_states[reqs[i].request_id].fill_bitmask(bitmask, i)
+        apply_bitmask(logits, bitmask, rows)
+
+    def _advance_grammars(self, reqs: list[Request], sampled: list[int]) -> None:
+        for r, tok in zip(reqs, sampled):
+            g = self.grammar_states.get(r.request_id)
+            if g is not None and not g.accept(tok):
+                logger.warning("request %s: grammar rejected token %d", r.request_id, tok)
+
+    def release(self, request_id: str) -> None:
+        self.generators.pop(request_id, None)
+        self.grammar_states.pop(request_id, None)

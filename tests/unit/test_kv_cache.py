@@ -1,0 +1,202 @@
+"""KV block pool, prefix cache and scheduler bookkeeping, checked exactly (no model involved)."""
+from __future__ import annotations
+
+import pytest
+
+from inferd.config import SchedulerConfig
+from inferd.kv_cache.block_pool import BlockPool
+from inferd.kv_cache.hashing import extend_block_hashes, hash_block
+from inferd.kv_cache.manager import KVCacheManager
+from inferd.request import Request, RequestStatus
+from inferd.sampling_params import SamplingParams
+from inferd.scheduler.scheduler import Scheduler
+
+BS = 4
+
+
+def req(rid: str, tokens: list[int], max_tokens: int = 8, salt: str | None = None, **kw) -> Request:
+    return Request(rid, tokens, SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw),
+                   eos_token_ids=(0,), cache_salt=salt)
+
+
+def test_free_queue_order_and_o1_removal():
+    pool = BlockPool(5)
+    assert pool.free_queue.block_ids() == [0, 1, 2, 3, 4]
+    a, b = pool.get_new_blocks(2)
+    assert (a.block_id, b.block_id) == (0, 1) and a.ref_cnt == b.ref_cnt == 1
+    assert pool.free_queue.block_ids() == [2, 3, 4]
+    pool.free_blocks([b, a])  # freed in this order -> evicted in this order
+    assert pool.free_queue.block_ids() == [2, 3, 4, 1, 0]
+    pool.touch([pool.blocks[3]])  # a cache hit on a free block pulls it out of the middle
+    assert pool.free_queue.block_ids() == [2, 4, 1, 0]
+    assert pool.blocks[3].ref_cnt == 1
+    assert pool.num_free_blocks == 4
+
+
+def test_chained_hashes_depend_on_prefix_and_salt():
+    h1 = hash_block(None, [1, 2, 3, 4])
+    assert hash_block(None, [1, 2, 3, 4]) == h1
+    assert hash_block(h1, [5, 6, 7, 8]) != hash_block(None, [5, 6, 7, 8])
+    assert hash_block(None, [1, 2, 3, 4], salt="tenant-a") != h1
+    hashes: list[bytes] = []
+    extend_block_hashes(hashes, list(range(10)), BS)
+    assert len(hashes) == 2 and hashes[1] == hash_block(hashes[0], [4, 5, 6, 7])
+    extend_block_hashes(hashes, list(range(12)), BS)
+    assert len(hashes) == 3
+
+
+def test_allocate_exact_block_ids_and_prefix_reuse():
+    kv = KVCacheManager(num_blocks=8, block_size=BS)
+    a = req("a", list(range(1, 11)))  # 10 tokens: 2 full blocks + 2 tokens
+    hits, n = kv.get_computed_blocks(a)
+    assert hits == [] and n == 0
+    assert kv.allocate_slots(a, 10)
+    assert kv.block_ids("a") == [0, 1, 2]
+    a.num_computed_tokens = 10
+    # Same first 8 tokens: both full blocks are reused, only the tail is new.
+    b = req("b", list(range(1, 9)) + [99, 98, 97])
+    hits, n = kv.get_computed_blocks(b)
+    assert [h.block_id for h in hits] == [0, 1] and n == 8
+    assert kv.allocate_slots(b, 3, hits)
+    assert kv.block_ids("b") == [0, 1, 3]
+    assert [kv.pool.blocks[i].ref_cnt for i in (0, 1, 2, 3)] == [2, 2, 1, 1]
+    # A different salt shares nothing.
+    c = req("c", list(range(1, 11)), salt="other")
+    assert kv.get_computed_blocks(c) == ([], 0)
+
+
+def test_full_hit_leaves_one_token_to_compute():
+    kv = KVCacheManager(num_blocks=8, block_size=BS)
+    a = req("a", list(range(1, 9)))  # exactly 2 blocks
+    kv.allocate_slots(a, 8)
+    b = req("b", list(range(1, 9)))
+    hits, n = kv.get_computed_blocks(b)
+    assert n == 4 and len(hits) == 1  # the last block is recomputed: its logits are needed
+
+
+def test_free_then_evict_lru_and_reuse_after_free():
+    kv = KVCacheManager(num_blocks=4, block_size=BS)
+    a = req("a", list(range(1, 9)))
+    kv.allocate_slots(a, 8)
+    kv.free(a)
+    # Tail block first: the shared prefix (block 0) is evicted last.
+    assert kv.pool.free_queue.block_ids() == [2, 3, 1, 0]
+    assert kv.pool.num_free_blocks == 4
+    b = req("b", list(range(1, 5)) + [50, 51, 52, 53, 54])
+    hits, n = kv.get_computed_blocks(b)
+    assert [h.block_id for h in hits] == [0] and n == 4
+    assert kv.allocate_slots(b, 5, hits)
+    assert kv.block_ids("b") == [0, 2, 3]
+    # Block 1 (a's second block) is still cached and free; block 0 is held again.
+    assert kv.pool.blocks[0].ref_cnt == 1 and kv.pool.blocks[1].block_hash is not None
+    c = req("c", [7] * 4)
+    assert kv.allocate_slots(c, 4)  # takes the last free block: evicts a's cached block 1
+    assert kv.block_ids("c") == [1]
+    assert kv.pool.blocks[1].block_hash is None or kv.pool.blocks[1].block_hash not in (
+        a.block_hashes[1],)
+
+
+def test_allocation_fails_cleanly_when_pool_is_short():
+    kv = KVCacheManager(num_blocks=2, block_size=BS)
+    a = req("a", list(range(1, 13)))
+    assert not kv.allocate_slots(a, 12)
+    assert kv.block_ids("a") == [] and kv.pool.num_free_blocks == 2
+
+
+def make_scheduler(num_blocks: int, budget: int = 64, max_seqs: int = 8) -> Scheduler:
+    kv = KVCacheManager(num_blocks=num_blocks, block_size=BS)
+    return Scheduler(SchedulerConfig(max_num_seqs=max_seqs), kv, max_model_len=64,
+                     max_num_batched_tokens=budget)
+
+
+def run_step(s: Scheduler, token: int = 5) -> tuple:
+    out = s.schedule()
+    sampled = {x.request.request_id: token for x in out.scheduled if x.samples}
+    return out, s.update_from_output(out, sampled)
+
+
+def test_chunked_prefill_under_budget():
+    s = make_scheduler(num_blocks=16, budget=6)
+    s.add_request(req("a", list(range(1, 15))))  # 14 tokens -> chunks 6, 6, 2
+    chunks = []
+    for _ in range(3):
+        out, _ = run_step(s)
+        chunks.append([(x.request.request_id, x.num_computed_tokens, x.num_new_tokens) for x in out.scheduled])
+    assert chunks[0] == [("a", 0, 6)] and chunks[1] == [("a", 6, 6)]
+    assert chunks[2][0] == ("a", 12, 2)
+    assert s.requests["a"].num_output_tokens == 1
+
+
+def test_decodes_and_prefills_share_a_step_decodes_first():
+    s = make_scheduler(num_blocks=16, budget=16)
+    s.add_request(req("a", [1, 2, 3]))
+    run_step(s)  # a prefilled, sampled one token
+    s.add_request(req("b", [4, 5, 6, 7, 8]))
+    out, _ = run_step(s)
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 1), ("b", 5)]
+
+
+def test_preemption_keeps_oldest_progressing_and_frees_blocks():
+    s = make_scheduler(num_blocks=4, budget=64)  # 16 token slots in all
+    s.add_request(req("old", [1] * 6, max_tokens=9, ignore_eos=True))
+    s.add_request(req("new", [2] * 6, max_tokens=9, ignore_eos=True))
+    finished = []
+    preemptions = 0
+    for _ in range(60):
+        out, fin = run_step(s, token=9)
+        preemptions += out.num_preemptions
+        finished += [r.request_id for r in fin]
+        if not s.has_unfinished():
+            break
+    assert finished[0] == "old" and set(finished) == {"old", "new"}
+    assert preemptions >= 1
+    assert s.kv.num_held_blocks() == 0 and s.kv.pool.num_free_blocks == 4
+
+
+def test_abort_at_any_moment_frees_everything():
+    for abort_after in range(0, 6):
+        s = make_scheduler(num_blocks=8, budget=4)
+        reqs = [req(f"r{i}", list(range(1, 9)), max_tokens=5) for i in range(3)]
+        for r in reqs:
+            s.add_request(r)
+        for _ in range(abort_after):
+            run_step(s)
+        s.abort([r.request_id for r in reqs])
+        assert all(r.status == RequestStatus.FINISHED_ABORTED or r.is_finished for r in reqs)
+        assert not s.has_unfinished()
+        assert s.kv.num_held_blocks() == 0
+        assert s.kv.pool.num_free_blocks == 8
+        assert all(b.ref_cnt == 0 for b in s.kv.pool.blocks)
+
+
+def test_stop_conditions():
+    s = make_scheduler(num_blocks=16)
+    s.add_request(req("eos", [1, 2], max_tokens=5))
+    _, fin = run_step(s, token=0)  # 0 is EOS
+    assert [r.request_id for r in fin] == ["eos"] and fin[0].status == RequestStatus.FINISHED_STOPPED
+    s.add_request(req("min", [1, 2], max_tokens=5, min_tokens=2))
+    _, fin = run_step(s, token=0)
+    assert fin == []  # EOS ignored below min_tokens
+    s.add_request(req("stoptok", [1, 2], max_tokens=5, stop_token_ids=[7]))
+    _, fin = run_step(s, token=7)
+    stopped = {r.request_id: r for r in fin}
+    assert stopped["stoptok"].stop_reason == 7
+    s.add_request(req("len", [1, 2], max_tokens=2))
+    run_step(s, token=5)
+    _, fin = run_step(s, token=5)
+    assert any(r.request_id == "len" and r.status == RequestStatus.FINISHED_LENGTH for r in fin)
+
+
+@pytest.mark.parametrize("enable", [True, False])
+def test_prefix_cache_stats_count_once_per_request(enable):
+    kv = KVCacheManager(num_blocks=16, block_size=BS, enable_prefix_caching=enable)
+    s = Scheduler(SchedulerConfig(), kv, max_model_len=64, max_num_batched_tokens=64)
+    s.add_request(req("a", list(range(1, 10))))
+    run_step(s)
+    s.add_request(req("b", list(range(1, 10))))
+    run_step(s)
+    q, h = kv.take_stats()
+    if enable:
+        assert (q, h) == (18, 8)
+    else:
+        assert (q, h) == (0, 0)
