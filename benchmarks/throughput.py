@@ -1,0 +1,108 @@
+"""Offline throughput: inferd vs transformers `generate`, same model and dtype, same run.
+
+    .venv/bin/python benchmarks/throughput.py [--num-requests 256] [--input-len 128] [--output-len 128]
+
+Workloads: (a) N requests of I prompt + O output tokens (ignore_eos) all submitted at once;
+(b) batch-1 decode of O tokens. Prints tokens/s and inferd/transformers ratios. Run by hand;
+the machines are noisy, so a matmul probe is printed first and ratios matter more than numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+
+def matmul_probe() -> float:
+    a = torch.randn(1024, 1024)
+    b = torch.randn(1024, 1024)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    return 10 * 2 * 1024**3 / (time.perf_counter() - t) / 1e9
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab - 100, (n, length), generator=g).tolist()
+
+
+def bench_inferd(model: str, prompts, out_len: int, dtype: str, batch1_tokens: int) -> dict:
+    from inferd import LLM, SamplingParams
+    llm = LLM(model, dtype=dtype, max_model_len=2048)
+    sp = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=4, ignore_eos=True))
+    t = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp)
+    dt = time.perf_counter() - t
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    t = time.perf_counter()
+    one = llm.generate([{"prompt_token_ids": prompts[0]}],
+                       SamplingParams(max_tokens=batch1_tokens, temperature=0.0, ignore_eos=True))
+    dt1 = time.perf_counter() - t
+    return {"throughput": n_out / dt, "batch1": len(one[0].outputs[0].token_ids) / dt1,
+            "elapsed": dt}
+
+
+def load_hf(model: str, torch_dtype):
+    from transformers import AutoModelForCausalLM
+    if model.endswith(".gguf"):
+        d, f = os.path.split(model)
+        return AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch_dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).eval()
+
+
+@torch.inference_mode()
+def bench_transformers(model: str, prompts, out_len: int, torch_dtype, batch_size: int,
+                       batch1_tokens: int) -> dict:
+    m = load_hf(model, torch_dtype)
+    kw = dict(do_sample=False, min_new_tokens=out_len, max_new_tokens=out_len, pad_token_id=0)
+    t = time.perf_counter()
+    n_out = 0
+    for i in range(0, len(prompts), batch_size):
+        ids = torch.tensor(prompts[i:i + batch_size])
+        out = m.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        n_out += (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    dt = time.perf_counter() - t
+    ids = torch.tensor(prompts[:1])
+    t = time.perf_counter()
+    m.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, min_new_tokens=batch1_tokens,
+               max_new_tokens=batch1_tokens, pad_token_id=0)
+    dt1 = time.perf_counter() - t
+    return {"throughput": n_out / dt, "batch1": batch1_tokens / dt1, "elapsed": dt}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct GGUF")
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--hf-batch-size", type=int, default=32)
+    ap.add_argument("--batch1-tokens", type=int, default=64)
+    ap.add_argument("--skip-transformers", action="store_true")
+    args = ap.parse_args()
+    from inferd.config import default_model_path, resolve_dtype
+    model = args.model or default_model_path()
+    torch_dtype = resolve_dtype(args.dtype, "cpu")
+    print(f"matmul probe: {matmul_probe():.0f} GFLOP/s fp32 (threads={torch.get_num_threads()})")
+    prompts = random_prompts(args.num_requests, args.input_len, 49152)
+    ours = bench_inferd(model, prompts, args.output_len, args.dtype, args.batch1_tokens)
+    print(f"inferd       {args.num_requests}x{args.input_len}/{args.output_len}: "
+          f"{ours['throughput']:.1f} out tok/s   batch-1 decode: {ours['batch1']:.1f} tok/s   ({torch_dtype})")
+    if args.skip_transformers:
+        return
+    ref = bench_transformers(model, prompts, args.output_len, torch_dtype, args.hf_batch_size,
+                             args.batch1_tokens)
+    print(f"transformers batch {args.hf_batch_size}: {ref['throughput']:.1f} out tok/s   "
+          f"batch-1 decode: {ref['batch1']:.1f} tok/s")
+    print(f"ratio inferd/transformers: throughput {ours['throughput'] / ref['throughput']:.2f}x, "
+          f"batch-1 {ours['batch1'] / ref['batch1']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Pieces every attention backend shares: the backend protocol, the paged-cache write and gathers.
+
+KV cache layout (one tensor per layer): [2, num_blocks, block_size, num_kv_heads, head_dim],
+index 0 = keys, 1 = values. Token slot s lives at block s // block_size, offset s % block_size,
+so a flat view [2, num_blocks * block_size, Hkv, D] is indexed by slot directly.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from inferd.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, H, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        kv_cache: torch.Tensor | None,
+        meta: AttentionMetadata,
+        *,
+        scale: float,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
+    ) -> torch.Tensor:  # [T, H, D]
+        ...
+
+
+def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Store this step's keys/values at their slots (in place)."""
+    flat = kv_cache.flatten(1, 2)  # a view: [2, num_blocks * block_size, Hkv, D]
+    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def gather_padded_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor, max_len: int,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of several sequences as padded [B, Hkv, max_len, D] (positions past a
+    sequence's length hold whatever the blocks hold; callers mask them)."""
+    block_size = kv_cache.shape[2]
+    num_blocks = -(-max_len // block_size)
+    table = block_tables[:, :num_blocks].long()
+    keys = kv_cache[0][table].flatten(1, 2)[:, :max_len]  # [B, max_len, Hkv, D]
+    values = kv_cache[1][table].flatten(1, 2)[:, :max_len]
+    return keys.transpose(1, 2), values.transpose(1, 2)
+
+
+def context_slots(meta: AttentionMetadata) -> torch.Tensor:
+    """Flat cache slots of every sequence's whole context, concatenated: int64 [sum(seq_lens)].
+
+    Vectorized (no per-sequence loop) so it runs as a handful of device ops.
+    """
+    device = meta.block_tables.device
+    total = sum(meta.seq_lens)
+    lens = meta.seq_lens_t.long()
+    starts = torch.cumsum(lens, 0) - lens
+    seq_idx = torch.repeat_interleave(torch.arange(len(meta.seq_lens), device=device), lens,
+                                      output_size=total)
+    pos = torch.arange(total, device=device) - starts[seq_idx]
+    blocks = meta.block_tables.long()[seq_idx, pos // meta.block_size]
+    return blocks * meta.block_size + pos % meta.block_size

@@ -1,0 +1,69 @@
+"""CUDA attention with flash-attn 2 (`flash_attn.flash_attn_varlen_func`), one kernel per step.
+
+The whole flat batch (decodes and prefill chunks alike) is one varlen call: flash-attn aligns
+the causal mask to the bottom-right corner when a sequence has more keys than queries, which is
+exactly "offset by the context already in cache". Its sliding window (left, right) keeps keys in
+[p - left, p + right], so HF's window W (W positions including the query) is (W - 1, 0).
+
+flash-attn 2 reads a paged cache directly (`block_table=`) only when the page size is a multiple
+of 256; our blocks are 8..128 tokens, so the usual path gathers each sequence's context into a
+packed [sum(seq_lens), Hkv, D] tensor first (vectorized, see `context_slots`).
+fp32 is not supported by the kernels: those calls go to the torch backend.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from inferd.attention.backends.common import context_slots, write_kv_cache
+from inferd.attention.backends.torch_sdpa import TorchSDPABackend
+from inferd.attention.metadata import AttentionMetadata
+
+try:  # optional dependency, CUDA only
+    from flash_attn import flash_attn_varlen_func
+    HAS_FLASH_ATTN = True
+except ImportError:  # pragma: no cover - depends on the install
+    flash_attn_varlen_func = None
+    HAS_FLASH_ATTN = False
+
+_PAGED_BLOCK_MULTIPLE = 256  # flash-attn 2's requirement for block_table
+
+
+class FlashAttentionBackend:
+    name = "flash_attn"
+
+    def __init__(self) -> None:
+        self._fallback = TorchSDPABackend()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor | None, meta: AttentionMetadata, *, scale: float,
+                sliding_window: int | None = None,
+                logits_soft_cap: float | None = None) -> torch.Tensor:
+        if q.dtype not in (torch.float16, torch.bfloat16) or flash_attn_varlen_func is None:
+            return self._fallback.forward(q, k, v, kv_cache, meta, scale=scale,
+                                          sliding_window=sliding_window,
+                                          logits_soft_cap=logits_soft_cap)
+        window = (sliding_window - 1, 0) if sliding_window is not None else (-1, -1)
+        if not meta.causal and sliding_window is not None:
+            window = (sliding_window - 1, sliding_window - 1)
+        cu_q = torch.tensor(meta.query_start_loc, dtype=torch.int32, device=q.device)
+        max_q = max(meta.query_len(i) for i in range(meta.num_seqs))
+        common = dict(softmax_scale=scale, causal=meta.causal, window_size=window,
+                      softcap=logits_soft_cap or 0.0)
+        if kv_cache is None:
+            if any(meta.context_len(i) for i in range(meta.num_seqs)):
+                raise ValueError("cached context without a KV cache")
+            return flash_attn_varlen_func(q, k, v, cu_q, cu_q, max_q, max_q, **common)
+
+        write_kv_cache(kv_cache, k, v, meta.slot_mapping)
+        cu_k = F.pad(torch.cumsum(meta.seq_lens_t, 0, dtype=torch.int32), (1, 0))
+        if meta.block_size % _PAGED_BLOCK_MULTIPLE == 0:
+            return flash_attn_varlen_func(q, kv_cache[0], kv_cache[1], cu_q, cu_k, max_q,
+                                          meta.max_seq_len, block_table=meta.block_tables,
+                                          **common)
+        slots = context_slots(meta)
+        flat = kv_cache.flatten(1, 2)
+        keys = flat[0].index_select(0, slots)
+        values = flat[1].index_select(0, slots)
+        return flash_attn_varlen_func(q, keys, values, cu_q, cu_k, max_q, meta.max_seq_len,
+                                      **common)

@@ -1,0 +1,124 @@
+"""Attention on any device with torch's scaled_dot_product_attention over a paged KV cache.
+
+Per step: write the new K/V into the cache, then
+- decodes (the first `meta.num_decodes` sequences, one query each) run as ONE padded SDPA call
+  over K/V gathered through the block tables, masked by each sequence's length;
+- prefill chunks loop per sequence (few per step), causal with the mask offset by the context
+  already in the cache; a first chunk with nothing cached attends to its fresh K/V directly.
+Logit soft-capping (tanh) has no SDPA equivalent, so that path computes scores by hand.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from inferd.attention.backends.common import gather_padded_kv, write_kv_cache
+from inferd.attention.metadata import AttentionMetadata
+
+
+def _mask(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool,
+          sliding_window: int | None) -> torch.Tensor | None:
+    """Bool mask [.., Lq, L] (True = attend) from absolute query / key positions.
+
+    The window follows HF: a query at p sees keys in (p - window, p], `window` positions in all.
+    """
+    q = q_pos.unsqueeze(-1)
+    k = k_pos.unsqueeze(-2)
+    if causal:
+        keep = k <= q
+        if sliding_window is not None:
+            keep = keep & (k > q - sliding_window)
+        return keep
+    if sliding_window is not None:
+        return (k - q).abs() < sliding_window
+    return None
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+            scale: float, soft_cap: float | None, is_causal: bool = False) -> torch.Tensor:
+    """q [B, H, Lq, D], k/v [B, Hkv, L, D], mask broadcastable to [B, 1, Lq, L] -> [B, H, Lq, D]."""
+    num_heads, num_kv_heads = q.shape[1], k.shape[1]
+    if soft_cap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              scale=scale, enable_gqa=num_heads != num_kv_heads)
+    # Manual path: group query heads by their KV head so K/V are never repeated in memory.
+    b, _, lq, d = q.shape
+    groups = num_heads // num_kv_heads
+    qg = q.reshape(b, num_kv_heads, groups, lq, d).float()
+    scores = torch.matmul(qg, k.float().unsqueeze(2).transpose(-1, -2)) * scale  # [B, Hkv, G, Lq, L]
+    scores = torch.tanh(scores / soft_cap) * soft_cap
+    if is_causal:
+        mask = _mask(torch.arange(lq, device=q.device), torch.arange(k.shape[2], device=q.device),
+                     True, None)
+    if mask is not None:
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))  # [B, 1, 1, Lq, L]
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, v.float().unsqueeze(2))  # [B, Hkv, G, Lq, D]
+    return out.reshape(b, num_heads, lq, d).to(q.dtype)
+
+
+class TorchSDPABackend:
+    name = "torch_sdpa"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor | None, meta: AttentionMetadata, *, scale: float,
+                sliding_window: int | None = None,
+                logits_soft_cap: float | None = None) -> torch.Tensor:
+        out = torch.empty_like(q)
+        if kv_cache is None:
+            # Encoders and cache-less runs: each sequence attends within its own new tokens.
+            for i in range(meta.num_seqs):
+                self._prefill(i, q, k, v, None, meta, out, scale, sliding_window, logits_soft_cap)
+            return out
+        write_kv_cache(kv_cache, k, v, meta.slot_mapping)
+        if meta.num_decodes:
+            out[: meta.num_decodes] = self._decodes(q, kv_cache, meta, scale, sliding_window,
+                                                     logits_soft_cap)
+        for i in range(meta.num_decodes, meta.num_seqs):
+            self._prefill(i, q, k, v, kv_cache, meta, out, scale, sliding_window, logits_soft_cap)
+        return out
+
+    def _decodes(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                 scale: float, sliding_window: int | None,
+                 soft_cap: float | None) -> torch.Tensor:
+        """All single-token sequences in one batched call over padded cached K/V."""
+        n = meta.num_decodes
+        max_len = max(meta.seq_lens[:n])  # host list: no device sync
+        keys, values = gather_padded_kv(kv_cache, meta.block_tables[:n], max_len)
+        lens = meta.seq_lens_t[:n].long().unsqueeze(1)  # [n, 1]
+        k_pos = torch.arange(max_len, device=q.device).unsqueeze(0)  # [1, L]
+        keep = k_pos < lens
+        if sliding_window is not None:
+            keep = keep & (k_pos >= lens - sliding_window)
+        mask = keep[:, None, None, :]  # [n, 1, 1, L]
+        out = _attend(q[:n].unsqueeze(2), keys, values, mask, scale, soft_cap)
+        return out.squeeze(2)
+
+    def _prefill(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 kv_cache: torch.Tensor | None, meta: AttentionMetadata, out: torch.Tensor,
+                 scale: float, sliding_window: int | None, soft_cap: float | None) -> None:
+        start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+        ctx = meta.context_len(i)
+        if ctx == 0:
+            keys, values = k[start:end], v[start:end]  # nothing cached before: use fresh K/V
+        elif kv_cache is None:
+            raise ValueError(f"sequence {i} has {ctx} cached tokens but the layer has no KV cache")
+        else:
+            length = meta.seq_lens[i]
+            num_blocks = -(-length // meta.block_size)
+            table = meta.block_tables[i, :num_blocks].long()
+            keys = kv_cache[0][table].flatten(0, 1)[:length]
+            values = kv_cache[1][table].flatten(0, 1)[:length]
+        qi = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, Lq, D]
+        ki = keys.transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+        vi = values.transpose(0, 1).unsqueeze(0)
+        plain_causal = meta.causal and ctx == 0 and sliding_window is None
+        mask = None
+        if not plain_causal:
+            q_pos = torch.arange(ctx, ctx + end - start, device=q.device)
+            mask = _mask(q_pos, torch.arange(keys.shape[0], device=q.device), meta.causal,
+                         sliding_window)
+        res = _attend(qi, ki, vi, mask, scale, soft_cap, is_causal=plain_causal)
+        out[start:end] = res.squeeze(0).transpose(0, 1)

@@ -1,0 +1,202 @@
+"""/v1/completions: validate → tokenize → one engine request per prompt → JSON or SSE.
+
+Invariant: every check (fields, prompt lengths, vocabulary, structured outputs) runs for every
+prompt before the first engine request is made, so a bad prompt in a batch costs no engine work.
+Choices are indexed `prompt_index * n + i`, as in vLLM.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from inferd.entrypoints.openai.common import ModelLimits, TokenText, check_prompt_ids, \
+    check_structured, completion_logprobs, now, prompt_logprobs_json, truncate_prompt, usage_json
+from inferd.entrypoints.openai.completions.schemas import CompletionRequest
+from inferd.entrypoints.openai.state import ServerState
+from inferd.entrypoints.openai.streaming import merge_async_iterators, prime
+from inferd.outputs import CompletionOutput, RequestOutput
+from inferd.sampling_params import SamplingParams
+
+
+@dataclass
+class PreparedPrompt:
+    text: str | None  # the prompt as sent, when it was text
+    token_ids: list[int]
+    params: SamplingParams
+
+    def echo_text(self, tokenizer: Any) -> str:
+        return self.text if self.text is not None else tokenizer.decode(self.token_ids)
+
+
+@dataclass
+class CompletionContext:
+    """One request's fixed facts, shared by the JSON and SSE builders."""
+    request: CompletionRequest
+    request_id: str
+    model: str
+    created: int
+    prompts: list[PreparedPrompt]
+    tokenizer: Any
+    token_text: TokenText
+    prefix_caching: bool
+    cached: dict[int, int] = field(default_factory=dict)  # prompt index -> cached tokens
+    # Prompt index -> prompt logprobs; a stream gets them once, with the prompt's first output.
+    prompt_lps: dict[int, list] = field(default_factory=dict)
+
+    def choice_index(self, prompt_index: int, output: CompletionOutput) -> int:
+        return prompt_index * self.request.n + output.index
+
+    def usage(self, completion_tokens: int) -> dict:
+        prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
+        cached = sum(self.cached.values()) if self.prefix_caching else None
+        return usage_json(prompt_tokens, completion_tokens, cached)
+
+
+def prepare(req: CompletionRequest, state: ServerState, request_id: str) -> CompletionContext:
+    engine = state.engine
+    limits = ModelLimits.of(engine, state.config.max_logprobs)
+    model = state.check_model(req.model)
+    req.check(limits)
+    structured = req.structured_params()
+    check_structured(structured, engine.tokenizer)
+    prompts = []
+    for prompt in req.prompt_list():
+        if isinstance(prompt, str):
+            ids = engine.tokenizer.encode(prompt, add_special_tokens=req.add_special_tokens)
+            text: str | None = prompt
+        else:
+            ids, text = list(prompt), None
+        ids = truncate_prompt(ids, req.truncate_prompt_tokens, limits)
+        check_prompt_ids(ids, limits)
+        params = req.to_sampling_params(len(ids), limits, engine.tokenizer, structured)
+        prompts.append(PreparedPrompt(text, ids, params))
+    return CompletionContext(req, request_id, model, now(), prompts, engine.tokenizer,
+                             TokenText(engine.tokenizer, bool(req.return_tokens_as_token_ids)),
+                             limits.prefix_caching)
+
+
+def _generators(ctx: CompletionContext, state: ServerState) -> list[AsyncIterator[RequestOutput]]:
+    one = len(ctx.prompts) == 1
+    return [state.engine.generate(p.token_ids, p.params,
+                                  ctx.request_id if one else f"{ctx.request_id}-{i}",
+                                  prompt=p.text, cache_salt=ctx.request.cache_salt)
+            for i, p in enumerate(ctx.prompts)]
+
+
+async def create_completion(req: CompletionRequest, state: ServerState,
+                            request_id: str) -> dict | AsyncIterator[dict]:
+    """The JSON response, or (stream=True) the chunk payloads to send as SSE. A stream is primed:
+    an engine refusal surfaces here, before any byte is sent."""
+    ctx = prepare(req, state, request_id)
+    merged = merge_async_iterators(_generators(ctx, state))
+    if req.stream:
+        return stream_chunks(ctx, await prime(merged))
+    finals: dict[int, RequestOutput] = {}
+    async for i, out in merged:
+        finals[i] = out
+    return build_response(ctx, finals)
+
+
+# --- JSON ---------------------------------------------------------------------------------------
+def build_response(ctx: CompletionContext, finals: dict[int, RequestOutput]) -> dict:
+    req = ctx.request
+    choices, completion_tokens = [], 0
+    for pi, prompt in enumerate(ctx.prompts):
+        res = finals[pi]
+        ctx.cached[pi] = res.num_cached_tokens
+        for out in sorted(res.outputs, key=lambda o: o.index):
+            choices.append(_choice(ctx, pi, prompt, res, out))
+            completion_tokens += 0 if req.echo_only else len(out.token_ids)
+    choices.sort(key=lambda c: c["index"])
+    return {"id": ctx.request_id, "object": "text_completion", "created": ctx.created,
+            "model": ctx.model, "choices": choices, "usage": ctx.usage(completion_tokens),
+            "system_fingerprint": None}
+
+
+def _choice(ctx: CompletionContext, pi: int, prompt: PreparedPrompt, res: RequestOutput,
+            out: CompletionOutput) -> dict:
+    req = ctx.request
+    text, token_ids = out.text, list(out.token_ids)
+    positions = list(out.logprobs or [])
+    if req.echo_only:
+        text, token_ids, positions = "", [], []
+    if req.echo:
+        text = prompt.echo_text(ctx.tokenizer) + text
+    logprobs = None
+    if req.logprobs is not None:
+        if req.echo:
+            token_ids = prompt.token_ids + token_ids
+            positions = list(res.prompt_logprobs or [None] * len(prompt.token_ids)) + positions
+        logprobs, _ = completion_logprobs(token_ids, positions, ctx.token_text, 0)
+    choice = {"index": ctx.choice_index(pi, out), "text": text, "logprobs": logprobs,
+              "finish_reason": out.finish_reason, "stop_reason": out.stop_reason,
+              "prompt_logprobs": prompt_logprobs_json(res.prompt_logprobs, ctx.token_text)
+              if req.prompt_logprobs is not None else None}
+    if req.return_token_ids:
+        choice["prompt_token_ids"] = prompt.token_ids
+        choice["token_ids"] = [] if req.echo_only else list(out.token_ids)
+    return choice
+
+
+# --- SSE ----------------------------------------------------------------------------------------
+@dataclass
+class _ChoiceStream:
+    started: bool = False
+    offset: int = 0  # text offset for logprobs
+    tokens: int = 0
+
+
+async def stream_chunks(ctx: CompletionContext,
+                        outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[dict]:
+    req = ctx.request
+    include_usage, continuous = req.usage_options()
+    states: dict[int, _ChoiceStream] = {}
+    async for pi, res in outputs:
+        ctx.cached[pi] = max(ctx.cached.get(pi, 0), res.num_cached_tokens)
+        if res.prompt_logprobs is not None:
+            ctx.prompt_lps[pi] = res.prompt_logprobs
+        for out in res.outputs:
+            index = ctx.choice_index(pi, out)
+            st = states.setdefault(index, _ChoiceStream())
+            choice = _delta_choice(ctx, pi, out, st, index)
+            if choice is None:
+                continue
+            chunk = {"id": ctx.request_id, "object": "text_completion", "created": ctx.created,
+                     "model": ctx.model, "choices": [choice]}
+            if continuous:
+                chunk["usage"] = usage_json(len(ctx.prompts[pi].token_ids), st.tokens, None)
+            yield chunk
+    if include_usage:
+        yield {"id": ctx.request_id, "object": "text_completion", "created": ctx.created,
+               "model": ctx.model, "choices": [],
+               "usage": ctx.usage(sum(s.tokens for s in states.values()))}
+
+
+def _delta_choice(ctx: CompletionContext, pi: int, out: CompletionOutput, st: _ChoiceStream,
+                  index: int) -> dict | None:
+    req, prompt = ctx.request, ctx.prompts[pi]
+    text, token_ids = out.text, list(out.token_ids)
+    positions = list(out.logprobs or [])
+    if req.echo_only:
+        text, token_ids, positions = "", [], []
+    first = not st.started
+    st.started = True
+    st.tokens += len(token_ids)
+    if first and req.echo:
+        text = prompt.echo_text(ctx.tokenizer) + text
+        if req.logprobs is not None:
+            token_ids = prompt.token_ids + token_ids
+            positions = list(ctx.prompt_lps.get(pi) or [None] * len(prompt.token_ids)) + positions
+    if not text and not token_ids and out.finish_reason is None:
+        return None  # nothing new (the detokenizer is holding text back)
+    logprobs = None
+    if req.logprobs is not None:
+        logprobs, st.offset = completion_logprobs(token_ids, positions, ctx.token_text, st.offset)
+    choice = {"index": index, "text": text, "logprobs": logprobs,
+              "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
+    if req.return_token_ids:
+        if first:
+            choice["prompt_token_ids"] = prompt.token_ids
+        choice["token_ids"] = [] if req.echo_only else list(out.token_ids)
+    return choice

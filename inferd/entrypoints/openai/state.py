@@ -1,0 +1,155 @@
+"""What every route handler reads: the engine client and the server's settings.
+
+Built once by `server.py`, stored on `app.state.inferd`, read through `get_state(request)`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from inferd.config import ConfigError
+from inferd.entrypoints.openai.errors import ModelNotFound, Overloaded
+
+if TYPE_CHECKING:
+    from inferd.engine.async_llm import AsyncLLM
+    from inferd.entrypoints.openai.admin.health import EngineHealthMonitor
+    from inferd.metrics import PrometheusStatsSink
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)
+    """Bearer keys accepted on every non-public route; empty means no auth."""
+    served_model_names: list[str] = field(default_factory=list)
+    chat_template: str | None = None
+    """Resolved template text (from --chat-template: a file path or inline Jinja); None: the model's."""
+    chat_template_content_format: str = "auto"
+    """auto | string | openai"""
+    default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    trust_request_chat_template: bool = False
+    response_role: str = "assistant"
+    reasoning_parser: str | None = None
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    max_logprobs: int = 20
+    max_num_queued_requests: int | None = None
+    """Waiting requests allowed before new ones get 429 + Retry-After; None: unbounded."""
+    max_request_body_bytes: int = 32 * 2**20
+    """Larger request bodies get 413 before they are read."""
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
+    root_path: str | None = None
+    """Path prefix when served behind a proxy that strips it (FastAPI's root_path)."""
+    uvicorn_log_level: str = "info"
+    disable_uvicorn_access_log: bool = False
+    enable_log_requests: bool = False
+    enable_request_id_headers: bool = False
+    """Echo X-Request-Id (the client's, or a fresh one) on every response."""
+    enable_server_load_tracking: bool = False
+    disable_fastapi_docs: bool = False
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    engine_stall_timeout: float = 120.0
+    """Seconds with requests pending and no engine step before /health reports 503."""
+    shutdown_timeout: float = 10.0
+    """Seconds in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port {self.port} must be in 0..65535")
+        if self.max_num_queued_requests is not None and self.max_num_queued_requests < 0:
+            raise ConfigError(f"--max-num-queued-requests {self.max_num_queued_requests} must be >= 0")
+        if self.max_logprobs < -1:
+            raise ConfigError(f"--max-logprobs {self.max_logprobs} must be -1 (no limit) or >= 0")
+        if self.max_request_body_bytes < 1:
+            raise ConfigError("--max-request-body-bytes must be >= 1")
+        if self.engine_stall_timeout <= 0 or self.shutdown_timeout < 0:
+            raise ConfigError("--engine-stall-timeout must be > 0 and --shutdown-timeout >= 0")
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser NAME (e.g. hermes)")
+        if bool(self.ssl_keyfile) != bool(self.ssl_certfile):
+            raise ConfigError("--ssl-keyfile and --ssl-certfile must be given together")
+
+
+@dataclass
+class ServerState:
+    engine: "AsyncLLM"
+    config: ServerConfig
+    metrics: "PrometheusStatsSink | None" = None
+    health: "EngineHealthMonitor" = field(default_factory=lambda: _default_monitor())
+    max_num_seqs: int = 256
+    """The engine's batch limit: requests beyond it wait (used to estimate the waiting queue)."""
+    server_load: int = 0
+    """In-flight requests on load-tracked routes (only counted with --enable-server-load-tracking)."""
+    created: int = field(default_factory=lambda: int(time.time()))
+    shutdown_hook: Callable[[int], None] | None = None
+    """Set by server.py: stop serving and exit with this code (the watchdog calls it)."""
+
+    @property
+    def model_name(self) -> str:
+        return self.config.served_model_names[0]
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine.model_config.max_model_len)
+
+    @property
+    def supported_tasks(self) -> tuple[str, ...]:
+        return tuple(self.engine.supported_tasks)
+
+    def check_model(self, name: str | None) -> str:
+        """The served name a request addressed; 404 for any other name."""
+        if not name:
+            return self.model_name
+        if name not in self.config.served_model_names:
+            raise ModelNotFound(name)
+        return name
+
+    def num_waiting(self) -> int:
+        """Requests admitted but not yet running: the larger of the last step's count and the
+        overflow beyond max_num_seqs (the step count lags a burst of arrivals)."""
+        unfinished = self.engine.num_unfinished_requests()
+        stats = self.health.last_stats
+        from_stats = stats.num_waiting_reqs if stats is not None else 0
+        return min(unfinished, max(from_stats, unfinished - self.max_num_seqs))
+
+    def check_capacity(self, n: int = 1) -> None:
+        """Refuse (429 + Retry-After) when admitting `n` more requests would overfill the
+        waiting queue. Call before any byte of the response is produced."""
+        limit = self.config.max_num_queued_requests
+        if limit is None:
+            return
+        unfinished = self.engine.num_unfinished_requests()
+        waiting = self.num_waiting()
+        free_slots = max(0, self.max_num_seqs - (unfinished - waiting))
+        # FCFS: while anyone waits, a newcomer waits too; otherwise only the overflow waits.
+        would_wait = n if waiting > 0 else max(0, n - free_slots)
+        if would_wait and waiting + would_wait > limit:
+            if self.metrics is not None:
+                self.metrics.on_request_rejected("queue_full")
+            raise Overloaded(f"The server is at capacity ({waiting} requests waiting, limit "
+                             f"--max-num-queued-requests {limit}). Retry later.", retry_after=1)
+
+    def request_shutdown(self, exit_code: int) -> None:
+        if self.shutdown_hook is None:
+            logger.error("No server to stop (exit code %d requested).", exit_code)
+            return
+        self.shutdown_hook(exit_code)
+
+
+def _default_monitor() -> "EngineHealthMonitor":
+    # Imported here: admin/ imports this module, so a top-level import would be circular.
+    from inferd.entrypoints.openai.admin.health import EngineHealthMonitor
+    return EngineHealthMonitor(ServerConfig.engine_stall_timeout)
+
+
+def get_state(request: Any) -> ServerState:
+    return request.app.state.inferd

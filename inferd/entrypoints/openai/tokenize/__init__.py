@@ -1,0 +1,4 @@
+"""/tokenize and /detokenize."""
+from inferd.entrypoints.openai.tokenize.router import router
+
+__all__ = ["router"]
