@@ -134,7 +134,8 @@ class EngineCore:
     def _grammar_manager(self):
         if self.runner.grammar_manager is None:
             from inferd.structured import GrammarManager
-            self.runner.grammar_manager = GrammarManager(self.info.load_tokenizer(), self.info.vocab_size)
+            self.runner.grammar_manager = GrammarManager(self.info.load_tokenizer(), self.info.vocab_size,
+                                                         stop_token_ids=self.info.eos_token_ids or None)
         return self.runner.grammar_manager
 
     def abort(self, request_ids: list[str]) -> None:
@@ -150,6 +151,8 @@ class EngineCore:
         sched = self.scheduler.schedule()
         result = self.runner.execute(sched)
         finished = {r.request_id for r in self.scheduler.update_from_output(sched, result.sampled)}
+        if result.grammar_failed:  # end those requests; the rest of the batch goes on
+            finished.update(r.request_id for r in self.scheduler.abort(result.grammar_failed))
         outputs = []
         for s in sched.scheduled:
             req, rid = s.request, s.request.request_id

@@ -26,6 +26,9 @@ _REPLACEMENT = "\ufffd"
 # Prompt tokens decoded as context for the first output token (a SentencePiece decoder
 # drops the leading space of the first token it sees; after context it must not).
 _PRIME_TOKENS = 6
+# A character needs at most 4 byte tokens. Text still ending in U+FFFD after this many is
+# invalid bytes, not a character in progress: emit it rather than grow the window forever.
+_MAX_PENDING_TOKENS = 16
 
 
 def _decode_fn(tokenizer: Any, skip_special_tokens: bool):
@@ -77,7 +80,14 @@ class _TextStream:
         """Feed one token; return the text it completes ("" while a character is incomplete)."""
         self._ids.append(token_id)
         text = self._decode(self._ids)
-        if len(text) <= len(self._context_text) or text.endswith(_REPLACEMENT):
+        pending = len(self._ids) - self._num_context
+        if pending == 1 and text == self._context_text:
+            # A skipped special token: the decoder never sees it, so neither does the window
+            # (a long run of them would otherwise grow it without bound).
+            self._ids.pop()
+            return ""
+        if len(text) <= len(self._context_text) or (
+                text.endswith(_REPLACEMENT) and pending < _MAX_PENDING_TOKENS):
             chunk = ""
         elif text.startswith(self._context_text):
             chunk = text[len(self._context_text):]

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from inferd.engine.protocol import EngineCoreOutput, EngineCoreRequest
+from inferd.engine.protocol import EngineCoreOutput, EngineCoreRequest, FinishReason
 from inferd.engine.stats import FinishedRequestStats, StatsSink
 from inferd.outputs import CompletionOutput, Logprob, PositionLogprobs, PoolingOutput, \
     PoolingRequestOutput, RequestOutput
@@ -172,7 +172,9 @@ class OutputProcessor:
                     child.cumulative_logprob += row[1][0]
         stopped = False
         if child.detok is not None and o.new_token_ids:
-            stop = child.detok.update(o.new_token_ids)
+            # A stop token's own text is left out, as vLLM does (EOS is special and skipped anyway).
+            stop = child.detok.update(o.new_token_ids,
+                                      stop_terminated=o.finish_reason == FinishReason.STOP)
             if stop is not None:
                 child.finish_reason, child.stop_reason = "stop", stop
                 stopped = o.finish_reason is None

@@ -19,7 +19,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Collection, Iterator
 
 import torch
 import transformers
@@ -137,8 +137,9 @@ class GGUFModel:
         if n_heads % n_kv or self._int(p + "attention.value_length", default=head_dim) != head_dim:
             raise GGUFError(f"{self.path}: {n_heads} heads / {n_kv} KV heads with key length "
                             f"{head_dim} is not a layout these architectures have")
-        if self._int(p + "rope.dimension_count", default=head_dim) != head_dim:
-            raise GGUFError(f"{self.path}: partial rotary embeddings are not supported")
+        if self._int(p + "rope.dimension_count", default=head_dim) != head_dim or head_dim % 2:
+            raise GGUFError(f"{self.path}: rotary embeddings over part of a head, or over an odd "
+                            f"head size ({head_dim}), are not supported")
         embed = self.tensors.get("token_embd.weight")
         if embed is None or len(embed.shape) != 2 or embed.shape[1] != hidden:
             raise GGUFError(f"{self.path}: token_embd.weight is missing or not [vocab, {hidden}]")
@@ -162,7 +163,10 @@ class GGUFModel:
             kwargs["attention_bias"] = "blk.0.attn_q.bias" in self.tensors
             if self.arch_name == "llama":
                 kwargs["mlp_bias"] = "blk.0.ffn_up.bias" in self.tensors
-        return self.arch.config_class(**kwargs)
+        try:
+            return self.arch.config_class(**kwargs)
+        except (ValueError, TypeError) as e:  # transformers' own config validation
+            raise GGUFError(f"{self.path}: metadata gives an invalid {self.arch.hf_architecture} config: {e}") from None
 
     def _rope_parameters(self, head_dim: int) -> dict[str, Any]:
         """transformers' `rope_parameters` from `rope.freq_base` and `rope.scaling.*`."""
@@ -231,34 +235,46 @@ class GGUFModel:
     # -- weights ---------------------------------------------------------------------------------
 
     def _weight_plan(self) -> list[tuple[TensorInfo, str, Transform]]:
-        """(tensor, HF name, transform) for every tensor; an unknown name fails here, before reading."""
-        n_layers, plan = self.hf_config.num_hidden_layers, []
+        """(tensor, HF name, transform) for every tensor. An unknown name, a shape that disagrees with
+        the config, or a missing weight fails here, before any tensor is read."""
+        n_layers, expected, plan = self.hf_config.num_hidden_layers, self._expected_shapes(), []
         for info in self.tensors.values():
             if info.name == _ROPE_FREQS:
                 continue
             m = _TENSOR_NAME.match(info.name)
             layer, short, suffix = m.groups() if m else (None, "", "")
-            if layer is None:
-                module = _GLOBAL_NAMES.get(short)
-                hf_name = f"{module}.{suffix}"
-            else:
-                module = self.arch.layer_names.get(short)
-                hf_name = f"model.layers.{int(layer)}.{module}.{suffix}"
-                if module is not None and int(layer) >= n_layers:
-                    raise GGUFError(f"{self.path}: tensor {info.name!r} is beyond block_count={n_layers}")
-            if module is None:
-                raise GGUFError(f"{self.path}: tensor {info.name!r} has no counterpart in "
-                                f"{self.arch.hf_architecture}")
-            plan.append((info, hf_name, self._transform_for(short, suffix, info)))
+            names = _GLOBAL_NAMES if layer is None else self.arch.layer_names
+            if short not in names or (layer is not None and int(layer) >= n_layers):
+                raise GGUFError(f"{self.path}: tensor {info.name!r} has no counterpart in a "
+                                f"{n_layers}-layer {self.arch.hf_architecture}")
+            want = expected[short] if suffix == "weight" else expected[short][:1]
+            if info.shape != want:
+                raise GGUFError(f"{self.path}: tensor {info.name!r} has shape {list(info.shape)}, "
+                                f"the config implies {list(want)}")
+            prefix = "" if layer is None else f"model.layers.{int(layer)}."
+            plan.append((info, f"{prefix}{names[short]}.{suffix}", self._transform_for(short, suffix)))
+        required = [f"{g}.weight" for g in ("token_embd", "output_norm")] + [
+            f"blk.{i}.{short}.weight" for i in range(n_layers) for short in self.arch.layer_names]
+        if missing := [name for name in required if name not in self.tensors]:
+            raise GGUFError(f"{self.path}: {len(missing)} weights are missing, e.g. {missing[:3]}")
         return plan
 
-    def _transform_for(self, short: str, suffix: str, info: TensorInfo) -> Transform:
+    def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Weight shape (torch order) of each GGUF tensor kind under this config; a bias is [rows]."""
+        c = self.hf_config
+        hidden, q_rows, kv_rows = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        shapes = {"token_embd": (c.vocab_size, hidden), "output": (c.vocab_size, hidden),
+                  "attn_q": (q_rows, hidden), "attn_k": (kv_rows, hidden), "attn_v": (kv_rows, hidden),
+                  "attn_output": (hidden, q_rows), "ffn_gate": (c.intermediate_size, hidden),
+                  "ffn_up": (c.intermediate_size, hidden), "ffn_down": (hidden, c.intermediate_size),
+                  "attn_q_norm": (c.head_dim,), "attn_k_norm": (c.head_dim,)}
+        # Every other kind is an RMSNorm over the hidden size.
+        return {short: shapes.get(short, (hidden,)) for short in (*_GLOBAL_NAMES, *self.arch.layer_names)}
+
+    def _transform_for(self, short: str, suffix: str) -> Transform:
         cfg = self.hf_config
         if self.arch.permute_qk and short in ("attn_q", "attn_k"):
             n_heads = cfg.num_attention_heads if short == "attn_q" else cfg.num_key_value_heads
-            if info.shape[0] != n_heads * cfg.head_dim:
-                raise GGUFError(f"{self.path}: tensor {info.name!r} has {info.shape[0]} rows, expected "
-                                f"{n_heads} heads x {cfg.head_dim}")
             return lambda w: _unpermute_rows(w, n_heads)
         if self.arch.norm_offset and short.endswith("norm") and suffix == "weight":
             offset = self.arch.norm_offset
@@ -273,15 +289,18 @@ class GGUFModel:
             raise GGUFError(f"{self.path}: short read of tensor {info.name!r}")
         return gguf_quants.dequantize(raw, info.qtype, info.n_elements).reshape(info.shape)
 
-    def iter_weights(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF checkpoint name, dequantized tensor in `dtype`), one tensor at a time.
+    def iter_weights(self, dtype: torch.dtype = torch.float32,
+                     names: Collection[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF checkpoint name, dequantized tensor in `dtype`), one tensor at a time, in file order.
 
-        Tied embeddings (no `output.weight`) yield no `lm_head.weight`, as an HF checkpoint with
-        `tie_word_embeddings=True` does not.
+        `names` limits it to those HF names (a partial load or a spot check). Tied embeddings (no
+        `output.weight`) yield no `lm_head.weight`, as an HF checkpoint with `tie_word_embeddings`
+        does not.
         """
         with open(self.path, "rb") as f:
             for info, hf_name, transform in self._plan:
-                yield hf_name, transform(self._read_tensor(info, f)).to(dtype).contiguous()
+                if names is None or hf_name in names:
+                    yield hf_name, transform(self._read_tensor(info, f)).to(dtype).contiguous()
 
     def weight_names(self) -> dict[str, str]:
         """GGUF tensor name -> HF name, for every weight `iter_weights` yields."""
@@ -304,7 +323,8 @@ class GGUFModel:
             from transformers.integrations.ggml import convert_gguf_tokenizer
         try:
             backend, extra = convert_gguf_tokenizer(self.arch_name, spec)
-        except (ValueError, KeyError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 - untrusted vocab into a third-party builder (the Rust
+            # side raises bare Exceptions); whatever it refuses is a bad file, reported as one.
             raise GGUFError(f"{self.path}: cannot build the tokenizer: {e}") from None
         kwargs: dict[str, Any] = dict(extra, tokenizer_object=backend, chat_template=self.chat_template)
         for name, key in _SPECIAL_TOKENS.items():

@@ -197,7 +197,7 @@ def pool_tokens(hidden: torch.Tensor, meta: AttentionMetadata,
 # ---------------------------------------------------------------------------------------------
 class EmbeddingPooler(nn.Module):
     """Embeddings: reduce, truncate to `dimensions`, normalise. Tasks: embed, score (the
-    bi-encoder scores by cosine of two embeddings), encode (per-token vectors)."""
+    bi-encoder scores by cosine of two embeddings), encode (per-token vectors, flattened)."""
 
     tasks = (EMBED, SCORE, ENCODE)
 
@@ -224,7 +224,10 @@ class EmbeddingPooler(nn.Module):
             if dims is not None:
                 v = v[..., :dims]
             normalize = self.normalize if p.normalize is None else p.normalize
-            out.append(F.normalize(v, p=2, dim=-1) if normalize else v)
+            v = F.normalize(v, p=2, dim=-1) if normalize else v
+            # Per-token output travels as one flat float list (the engine protocol's type),
+            # row-major [L * dims]; the HTTP layer reshapes it by the prompt's token count.
+            out.append(v.flatten())
         return out
 
 

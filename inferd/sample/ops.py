@@ -113,6 +113,14 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, max_top_
     return logits.scatter_(1, sorted_idx, sorted_logits)
 
 
+def _exponential_(t: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Fill `t` with Exp(1) draws. CUDA has a fused kernel; on CPU `exponential_` is scalar
+    code about 4x slower than -log(1 - U), which has the same distribution."""
+    if t.is_cuda:
+        return t.exponential_(generator=generator)
+    return t.uniform_(generator=generator).neg_().add_(1.0).log_().neg_()
+
+
 def random_sample(logits: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
     """Sample one token per row from softmax(logits) with the exponential race:
     argmax(p_i / E_i), E_i ~ Exp(1) i.i.d., picks token i with probability p_i.
@@ -121,9 +129,9 @@ def random_sample(logits: torch.Tensor, generators: dict[int, torch.Generator]) 
     probs = logits.softmax(dim=-1)
     noise = torch.empty_like(probs)
     if len(generators) < probs.shape[0]:
-        noise.exponential_()
+        _exponential_(noise, None)
     for row, gen in generators.items():
-        noise[row].exponential_(generator=gen)
+        _exponential_(noise[row], gen)
     # A zero draw would make 0/0 = NaN on a masked token, and argmax picks NaN.
     noise.clamp_min_(torch.finfo(noise.dtype).tiny)
     return probs.div_(noise).argmax(dim=-1)

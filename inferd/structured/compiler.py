@@ -189,10 +189,10 @@ def validate_structured_outputs(params: StructuredOutputsParams, tokenizer: Any)
     `asyncio.to_thread`. Results are cached by spec.
     """
     spec = build_spec(params)
+    require_xgrammar()
     try:
         compiler = _api_compiler(tokenizer)
-    except ValueError:
-        raise
     except Exception as e:  # a tokenizer xgrammar cannot read: say so instead of a 500
-        raise ValueError(f"Structured outputs are not supported for this tokenizer: {clean_error(e)}") from None
+        raise ValueError("Structured outputs are not supported for this tokenizer: "
+                         f"{clean_error(e)}") from None
     compiler.compile(spec)

@@ -23,6 +23,8 @@ class ModelRunnerOutput:
     # Prompt logprobs computed this step, per request: one row per prompt position covered.
     prompt_logprobs: dict[str, list[LogprobRow]] = field(default_factory=dict)
     pooled: dict[str, list[float]] = field(default_factory=dict)
+    # Requests whose sampled token their grammar rejected: the engine ends them.
+    grammar_failed: list[str] = field(default_factory=list)
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -128,7 +130,7 @@ class ModelRunner:
                 k = self.vocab_size if k < 0 else k
                 out.logprobs[r.request_id] = (ids[i][: k + 1], lps[i][: k + 1],
                                               [ranks[i]] + list(range(1, k + 1)))
-        self._advance_grammars(reqs, sampled)
+        out.grammar_failed = self._advance_grammars(reqs, sampled)
 
     def _generator(self, r: Request) -> torch.Generator | None:
         seed = r.sampling_params.seed
@@ -181,11 +183,14 @@ class ModelRunner:
             self.grammar_states[reqs[i].request_id].fill_bitmask(bitmask, i)
         apply_bitmask(logits, bitmask, rows)
 
-    def _advance_grammars(self, reqs: list[Request], sampled: list[int]) -> None:
+    def _advance_grammars(self, reqs: list[Request], sampled: list[int]) -> list[str]:
+        failed = []
         for r, tok in zip(reqs, sampled):
             g = self.grammar_states.get(r.request_id)
-            if g is not None and not g.accept(tok):
+            if g is not None and not g.accept(tok) and tok not in r.eos_token_ids:
                 logger.warning("request %s: grammar rejected token %d", r.request_id, tok)
+                failed.append(r.request_id)
+        return failed
 
     def release(self, request_id: str) -> None:
         self.generators.pop(request_id, None)

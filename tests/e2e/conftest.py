@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import httpx
 import pytest
@@ -43,8 +43,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc (Linux)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                # Fields after the parenthesised command: state, ppid, ...
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+    return out
+
+
 class ServerProcess:
+    model_name = MODEL_NAME
+
     def __init__(self, model: str, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.model = model
         self.port = free_port()
         self.log_path = log_path
         self.cmd = [sys.executable, "-m", "inferd.cli.main", "serve", model, "--host", "127.0.0.1",
@@ -60,8 +76,13 @@ class ServerProcess:
     def url_for(self, *parts: str) -> str:
         return self.base_url + "/" + "/".join(p.strip("/") for p in parts)
 
+    def engine_pids(self) -> list[int]:
+        return [p for p in child_pids(self.proc.pid)
+                if b"inferd.engine.core_proc" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
     def log_text(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def wait_healthy(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
@@ -102,7 +123,7 @@ def launch_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
     logs = tmp_path_factory.mktemp("server-logs")
 
     @contextlib.contextmanager
-    def launch(args: list[str] = (), env: dict[str, str] | None = None,
+    def launch(args: Sequence[str] = (), env: dict[str, str] | None = None,
                model: str | None = None) -> Iterator[ServerProcess]:
         log_path = logs / f"server-{len(list(logs.iterdir()))}.log"
         server = ServerProcess(model or str(tiny_llama_dir), list(args), log_path, env)

@@ -9,6 +9,7 @@ Tolerances (fp32): logits atol 1e-4 vs HF (different op order and fused projecti
 """
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoConfig
 
@@ -84,3 +85,27 @@ def test_chunked_prefill_matches_whole(tiny_decoder, paged_runner):
         chunk = prompt[start:start + 5]
         pieces.append(chunked_runner.step([(1, [7]), (0, chunk)])[1])
     torch.testing.assert_close(torch.cat(pieces), whole, atol=1e-5, rtol=0)
+
+
+ROPE_CASES = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROPE_CASES))
+def test_rope_frequencies_match_hf(case):
+    """Real-size head dim and context, where the scaled bands differ from the tiny models'."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from inferd.models.layers.rotary import compute_inv_freq, rope_parameters
+
+    config = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072,
+                         rope_parameters={**ROPE_CASES[case], "rope_theta": 500000.0})
+    ref_freq, ref_scale = ROPE_INIT_FUNCTIONS[case](config, "cpu")
+    freq, scale = compute_inv_freq(128, rope_parameters(config), config.max_position_embeddings)
+    torch.testing.assert_close(freq, ref_freq.float(), atol=0, rtol=1e-6)
+    assert scale == pytest.approx(ref_scale)

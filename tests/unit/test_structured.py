@@ -10,6 +10,7 @@ import json
 import re
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,7 +44,8 @@ def random_decode(manager: GrammarManager, tok, params: P, seed: int, *, steps: 
     state = manager.new_state(params)
     gen = torch.Generator().manual_seed(seed)
     bitmask = manager.allocate_bitmask(1)
-    bonus_ids = [i for i in range(len(tok)) if tok.decode([i]) in prefer] if prefer else []
+    # Byte-level BPE: ASCII punctuation tokens are spelled as themselves in the vocabulary.
+    bonus_ids = [i for i in tok.convert_tokens_to_ids(list(prefer)) if i not in (None, tok.unk_token_id)]
     ids: list[int] = []
     for step in range(steps):
         if state.is_terminated():
@@ -73,7 +75,8 @@ def random_decode(manager: GrammarManager, tok, params: P, seed: int, *, steps: 
     (P(regex="(abc"), "Invalid regex: Regex parsing error at position 5"),
     (P(regex="a(?=b)"), "Invalid regex: Regex parsing error at position 4: Lookahead"),
     (P(regex=r"(a)\1"), "Backreference is not supported"),
-    (P(grammar='root ::= foo'), 'Invalid grammar: EBNF parser error at line 1, column 10: Rule "foo" is not defined'),
+    (P(grammar='root ::= foo'),
+     'Invalid grammar: EBNF parser error at line 1, column 10: Rule "foo" is not defined'),
     (P(grammar='start ::= "a"'), 'The root rule with name "root" is not found'),
     (P(grammar='start: ("a"'), "Invalid grammar (read as Lark"),
     (P(grammar="   "), "grammar must not be empty"),
@@ -283,7 +286,8 @@ def test_apply_bitmask_masks_listed_rows_only(manager, tok):
     apply_bitmask(logits, bitmask, torch.tensor([1]))
     assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
     kept = torch.isfinite(logits[1])
-    expected = torch.tensor([bool((int(bitmask[1, t // 32]) >> (t % 32)) & 1) for t in range(vocab)])
+    bits = np.unpackbits(bitmask[1].numpy().view(np.uint8), bitorder="little")  # independent unpack
+    expected = torch.from_numpy(bits[:vocab]).bool()
     assert torch.equal(kept, expected)
     assert torch.equal(logits[1][kept], before[1][kept])
     allowed = {tok.decode([t]) for t in kept.nonzero().flatten().tolist()}
@@ -293,7 +297,28 @@ def test_apply_bitmask_masks_listed_rows_only(manager, tok):
     assert torch.equal(logits[0], before[0])
 
 
-def test_apply_bitmask_bit31_and_narrow_mask():
+@pytest.fixture(params=["native", "torch"])
+def bitmask_impl(request, monkeypatch):
+    """Run a test with xgrammar's CPU kernel and with the device-agnostic tensor version."""
+    if request.param == "torch":
+        monkeypatch.setattr("inferd.structured.manager.xgr", None)
+    return request.param
+
+
+def test_apply_bitmask_implementations_agree(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 1000, generator=gen)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (5, 32), dtype=torch.int32, generator=gen)
+    native, tensor_ops = logits.clone(), logits.clone()
+    apply_bitmask(native, bitmask, [0, 3, 4])
+    monkeypatch.setattr("inferd.structured.manager.xgr", None)
+    apply_bitmask(tensor_ops, bitmask, [0, 3, 4])
+    assert torch.equal(native, tensor_ops)
+    assert torch.equal(native[[1, 2]], logits[[1, 2]])
+    assert torch.isinf(native[[0, 3, 4]]).any()
+
+
+def test_apply_bitmask_bit31_and_narrow_mask(bitmask_impl):
     logits = torch.zeros(1, 70)
     bitmask = torch.zeros(1, 2, dtype=torch.int32)  # covers 64 of 70 columns
     bitmask[0, 0] = -(2**31)  # only bit 31 -> token 31
@@ -302,10 +327,22 @@ def test_apply_bitmask_bit31_and_narrow_mask():
     assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [31, 32]
 
 
-def test_apply_bitmask_half_precision():
-    logits = torch.zeros(2, 40, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_apply_bitmask_other_dtypes(bitmask_impl, dtype):
+    logits = torch.zeros(2, 40, dtype=dtype)
     bitmask = torch.full((2, 2), -1, dtype=torch.int32)
     bitmask[1, 1] = 0
     apply_bitmask(logits, bitmask, [1])
     assert torch.isinf(logits[1, 32:]).all() and torch.isfinite(logits[1, :32]).all()
     assert torch.isfinite(logits[0]).all()
+
+
+def test_apply_bitmask_rejects_out_of_range_rows():
+    with pytest.raises(IndexError):
+        apply_bitmask(torch.zeros(2, 32), torch.zeros(2, 1, dtype=torch.int32), [2])
+
+
+def test_missing_xgrammar_is_a_clear_value_error(tok, monkeypatch):
+    monkeypatch.setattr("inferd.structured.compiler.xgr", None)
+    with pytest.raises(ValueError, match="xgrammar package is not installed"):
+        validate_structured_outputs(P(regex="a"), tok)

@@ -203,8 +203,8 @@ def _normalize_message(message: Mapping[str, Any], index: int, content_format: s
         raise BadRequest(f"messages[{index}].role must be a non-empty string", param="messages")
     out = {k: v for k, v in message.items() if v is not None or k == "content"}
     content = message.get("content")
-    if content is not None and not isinstance(content, str):
-        texts = _text_parts(content, index)
+    if content is not None:
+        texts = [content] if isinstance(content, str) else _text_parts(content, index)
         # Tool results are always flattened: templates print them as a string.
         if content_format == "openai" and role != "tool":
             out["content"] = [{"type": "text", "text": t} for t in texts]

@@ -6,6 +6,7 @@ Every check here runs before a request reaches the engine, and every failure is 
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import secrets
@@ -274,6 +275,11 @@ def build_sampling_params(req: SamplingFields, *, max_tokens: int, logprobs: int
     def pick(value: Any, name: str, fallback: Any) -> Any:
         return value if value is not None else d.get(name, fallback)
 
+    if structured is not None:
+        try:
+            structured.validate()
+        except ValueError as e:
+            raise BadRequest(str(e), param="structured_outputs") from None
     try:
         params = SamplingParams(
             n=req.n, presence_penalty=req.presence_penalty or 0.0,
@@ -303,22 +309,19 @@ def build_sampling_params(req: SamplingFields, *, max_tokens: int, logprobs: int
     return params
 
 
-def check_structured(so: StructuredOutputsParams | None, tokenizer: Any) -> None:
-    """Reject an invalid schema, regex or grammar with a 400 before the engine compiles it."""
+async def check_structured(so: StructuredOutputsParams | None, tokenizer: Any) -> None:
+    """Reject an invalid schema, regex or grammar with a 400 before the engine compiles it.
+    The compile blocks for milliseconds to seconds, so it runs off the event loop."""
     if so is None:
         return
     try:
         so.validate()
-        if isinstance(so.json, str):
-            json.loads(so.json)
-        from inferd.structured import validate_structured_outputs
-    except ImportError:  # structured outputs not built in: the engine will refuse if unsupported
-        return
-    except (ValueError, TypeError) as e:
-        raise BadRequest(f"Invalid structured outputs: {e}", param="structured_outputs") from None
+    except ValueError as e:
+        raise BadRequest(str(e), param="structured_outputs") from None
+    from inferd.structured import validate_structured_outputs
     try:
-        validate_structured_outputs(so, tokenizer)
-    except (ValueError, TypeError, RuntimeError) as e:
+        await asyncio.to_thread(validate_structured_outputs, so, tokenizer)
+    except (ValueError, TypeError) as e:
         raise BadRequest(str(e), param="structured_outputs") from None
 
 

@@ -78,7 +78,7 @@ def _last_content_text(message: dict[str, Any]) -> str:
     return content if isinstance(content, str) else ""
 
 
-def prepare(req: ChatCompletionRequest, state: ServerState, request_id: str) -> ChatContext:
+async def prepare(req: ChatCompletionRequest, state: ServerState, request_id: str) -> ChatContext:
     engine, config = state.engine, state.config
     limits = ModelLimits.of(engine, config.max_logprobs)
     model = state.check_model(req.model)
@@ -98,7 +98,7 @@ def prepare(req: ChatCompletionRequest, state: ServerState, request_id: str) -> 
     ids = truncate_prompt(ids, req.truncate_prompt_tokens, limits)
     check_prompt_ids(ids, limits)
     structured = forced_constraint(req, mode) or req.structured_params()
-    check_structured(structured, engine.tokenizer)
+    await check_structured(structured, engine.tokenizer)
     params = req.to_sampling_params(len(ids), limits, engine.tokenizer, structured)
     role = config.response_role if req.add_generation_prompt else req.messages[-1]["role"]
     last = req.messages[-1]

@@ -22,7 +22,7 @@ async def create_chat_completion(req: ChatCompletionRequest, state: ServerState,
                                  request_id: str) -> dict | AsyncIterator[dict]:
     """The JSON response, or (stream=True) the chunk payloads to send as SSE. A stream is primed:
     an engine refusal surfaces here, before any byte is sent."""
-    ctx = prepare(req, state, request_id)
+    ctx = await prepare(req, state, request_id)
     outputs = state.engine.generate(ctx.prompt_ids, ctx.params, request_id,
                                     prompt=ctx.prompt_text, cache_salt=req.cache_salt)
     if req.stream:

@@ -53,13 +53,13 @@ class CompletionContext:
         return usage_json(prompt_tokens, completion_tokens, cached)
 
 
-def prepare(req: CompletionRequest, state: ServerState, request_id: str) -> CompletionContext:
+async def prepare(req: CompletionRequest, state: ServerState, request_id: str) -> CompletionContext:
     engine = state.engine
     limits = ModelLimits.of(engine, state.config.max_logprobs)
     model = state.check_model(req.model)
     req.check(limits)
     structured = req.structured_params()
-    check_structured(structured, engine.tokenizer)
+    await check_structured(structured, engine.tokenizer)
     prompts = []
     for prompt in req.prompt_list():
         if isinstance(prompt, str):
@@ -88,7 +88,7 @@ async def create_completion(req: CompletionRequest, state: ServerState,
                             request_id: str) -> dict | AsyncIterator[dict]:
     """The JSON response, or (stream=True) the chunk payloads to send as SSE. A stream is primed:
     an engine refusal surfaces here, before any byte is sent."""
-    ctx = prepare(req, state, request_id)
+    ctx = await prepare(req, state, request_id)
     merged = merge_async_iterators(_generators(ctx, state))
     if req.stream:
         return stream_chunks(ctx, await prime(merged))

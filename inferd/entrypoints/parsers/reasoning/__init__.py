@@ -6,7 +6,8 @@ from inferd.entrypoints.parsers.reasoning.base import (
     reasoning_parser_names,
     register_reasoning_parser,
 )
-from inferd.entrypoints.parsers.reasoning import deepseek_r1, qwen3  # noqa: F401  (registration)
+# Imported for their registration side effect.
+from inferd.entrypoints.parsers.reasoning import deepseek_r1, qwen3  # noqa: F401
 
 __all__ = [
     "ReasoningParser",

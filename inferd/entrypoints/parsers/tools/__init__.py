@@ -7,7 +7,8 @@ from inferd.entrypoints.parsers.tools.base import (
     register_tool_parser,
     tool_parser_names,
 )
-from inferd.entrypoints.parsers.tools import hermes, llama3_json, mistral, pythonic  # noqa: F401  (registration)
+# Imported for their registration side effect.
+from inferd.entrypoints.parsers.tools import hermes, llama3_json, mistral, pythonic  # noqa: F401
 
 __all__ = [
     "ParsedCall",

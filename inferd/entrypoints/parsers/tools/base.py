@@ -20,8 +20,8 @@ feeding outputs one character, one token and random chunks at a time.
 
 Why calls are emitted whole, once their block is closed and valid, rather than argument fragment
 by fragment: a fragment cannot be taken back. If a streamed call later proves malformed, the
-stream would already disagree with the non-streamed answer (which degrades it to content); the
-peers that stream partial JSON all carry open bugs of that kind. Content is still streamed
+stream would already disagree with the non-streamed answer (which degrades it to content), the
+mismatch STYLE.md warns about in peers that stream partial JSON. Content is still streamed
 character by character, held back only while it could be the start of a tool-call tag.
 """
 from __future__ import annotations
@@ -113,7 +113,8 @@ class ToolParser(ABC):
         return self._num_calls > 0
 
     # -- both drivers --------------------------------------------------------------------------
-    def _cut(self, text: str, state: Hashable, final: bool) -> tuple[list[tuple[str, Segment]], int, Hashable]:
+    def _cut(self, text: str, state: Hashable,
+             final: bool) -> tuple[list[tuple[str, Segment]], int, Hashable]:
         """Cut decided segments off the front of `text`: (pieces, characters used, new state)."""
         pieces: list[tuple[str, Segment]] = []
         pos = 0

@@ -17,7 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
-from inferd.entrypoints.parsers.tools.base import Segment, ToolParser, content_until_marker, register_tool_parser
+from inferd.entrypoints.parsers.tools.base import (
+    Segment,
+    ToolParser,
+    content_until_marker,
+    register_tool_parser,
+)
 from inferd.entrypoints.parsers.tools.common import call_from_object, load_json
 
 TOOL_CALL_START = "<tool_call>"

@@ -15,7 +15,12 @@ from collections.abc import Hashable
 from enum import Enum
 
 from inferd.entrypoints.parsers.markers import is_proper_prefix
-from inferd.entrypoints.parsers.tools.base import Segment, ToolParser, content_until_marker, register_tool_parser
+from inferd.entrypoints.parsers.tools.base import (
+    Segment,
+    ToolParser,
+    content_until_marker,
+    register_tool_parser,
+)
 from inferd.entrypoints.parsers.tools.common import Scan, calls_from_json_text, scan_balanced, skip_whitespace
 
 PYTHON_TAG = "<|python_tag|>"

@@ -1,0 +1,144 @@
+"""/metrics: vLLM's metric names under `inferd:`, exact counts after known requests, and the
+bounded waiting queue (429 + Retry-After, counted by reason). One server, one running sequence
+at a time and one waiting slot, so the queue can be filled on purpose."""
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import httpx
+import pytest
+
+MODEL_NAME = "tiny-llama"
+LABELS = f'engine="0",model_name="{MODEL_NAME}"'
+
+GAUGES = ["num_requests_running", "num_requests_waiting", "num_requests_waiting_by_reason",
+          "kv_cache_usage_perc", "cache_config_info"]
+COUNTERS = ["prefix_cache_queries_total", "prefix_cache_hits_total", "num_preemptions_total",
+            "prompt_tokens_total", "generation_tokens_total", "request_success_total",
+            "request_rejected_total"]
+HISTOGRAMS = ["iteration_tokens_total", "request_prompt_tokens", "request_generation_tokens",
+              "request_params_n", "request_params_max_tokens", "time_to_first_token_seconds",
+              "inter_token_latency_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
+              "request_inference_time_seconds", "request_prefill_time_seconds",
+              "request_decode_time_seconds"]
+
+
+@pytest.fixture(scope="module")
+def server(launch_server):
+    with launch_server(["--max-num-seqs", "1", "--max-num-queued-requests", "1"]) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.base_url, timeout=120) as client:
+        yield client
+
+
+def scrape(http: httpx.Client) -> dict[str, float]:
+    """`name{labels}` -> value for every sample (labels kept verbatim)."""
+    text = http.get("/metrics").text
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    return samples
+
+
+def value(samples: dict[str, float], name: str, **extra: str) -> float:
+    """Sum of the samples of `name` whose labels include the model's and `extra`."""
+    total = 0.0
+    for key, v in samples.items():
+        m = re.fullmatch(r"([^{]+)\{(.*)\}", key)
+        if not m or m.group(1) != f"inferd:{name}":
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+        if labels.get("model_name", MODEL_NAME) == MODEL_NAME and all(labels.get(k) == w for k, w in extra.items()):
+            total += v
+    return total
+
+
+def test_exposition_format_and_names(http):
+    resp = http.get("/metrics")
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = resp.text
+    for name in GAUGES + COUNTERS:
+        assert re.search(rf"^inferd:{name}{{", text, re.M), name
+    for name in HISTOGRAMS:
+        for suffix in ("_sum", "_bucket", "_count"):
+            assert re.search(rf"^inferd:{name}{suffix}{{", text, re.M), name + suffix
+    assert f"inferd:num_requests_running{{{LABELS}}}" in text
+    assert re.search(r'^inferd:cache_config_info\{.*block_size="16".*enable_prefix_caching="True"', text, re.M)
+    assert "_created" not in text
+
+
+def test_counts_are_exact_after_known_requests(http):
+    n, max_tokens = 3, 5
+    before = scrape(http)
+    prompt_tokens = 0
+    for i in range(n):
+        resp = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": f"Count {i} to five",
+                                                  "max_tokens": max_tokens, "temperature": 0,
+                                                  "ignore_eos": True})
+        assert resp.status_code == 200, resp.text
+        usage = resp.json()["usage"]
+        assert usage["completion_tokens"] == max_tokens
+        prompt_tokens += usage["prompt_tokens"]
+    after = scrape(http)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("request_success_total", finished_reason="length") == n
+    assert delta("request_success_total") == n
+    assert delta("prompt_tokens_total") == prompt_tokens
+    assert delta("generation_tokens_total") == n * max_tokens
+    for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
+                 "request_inference_time_seconds", "request_prefill_time_seconds",
+                 "request_decode_time_seconds", "request_prompt_tokens", "request_generation_tokens",
+                 "request_params_n", "request_params_max_tokens"):
+        assert delta(f"{name}_count") == n, name
+        assert delta(f"{name}_bucket", le="+Inf") == n, name
+    assert delta("request_prompt_tokens_sum") == prompt_tokens
+    assert delta("request_generation_tokens_sum") == n * max_tokens
+    assert delta("request_params_max_tokens_sum") == n * max_tokens
+    assert delta("request_params_n_sum") == n
+    assert delta("inter_token_latency_seconds_count") == n * (max_tokens - 1)
+    # Every computed token went through some step.
+    assert delta("iteration_tokens_total_sum") >= prompt_tokens + n * (max_tokens - 1)
+    assert value(after, "num_requests_running") == 0
+
+
+def test_full_waiting_queue_is_429_with_retry_after(http, server):
+    rejected = value(scrape(http), "request_rejected_total", reason="queue_full")
+    body = {"model": MODEL_NAME, "prompt": "Busy", "max_tokens": 400, "ignore_eos": True}
+    with httpx.Client(base_url=server.base_url, timeout=120) as running_client, \
+            running_client.stream("POST", "/v1/completions", json={**body, "stream": True}) as running:
+        assert running.status_code == 200
+        next(running.iter_lines())  # the one batch slot is now taken
+        waiting_result: dict[str, int] = {}
+        waiter = threading.Thread(target=lambda: waiting_result.update(
+            status=httpx.post(server.url_for("v1/completions"), timeout=120,
+                              json={**body, "max_tokens": 2}).status_code))
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while value(scrape(http), "num_requests_waiting") < 1:
+            assert time.monotonic() < deadline, "the second request never queued"
+            time.sleep(0.05)
+
+        for stream in (False, True):
+            resp = http.post("/v1/completions", json={**body, "stream": stream})
+            assert resp.status_code == 429, resp.text
+            assert resp.headers["retry-after"] == "1"
+            assert resp.headers["content-type"].startswith("application/json")  # never an SSE body
+            error = resp.json()["error"]
+            assert error["type"] == "RateLimitError" and error["code"] == 429
+        resp = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert resp.status_code == 429
+    waiter.join(120)
+    assert waiting_result["status"] == 200  # the queued request was served, not dropped
+    assert value(scrape(http), "request_rejected_total", reason="queue_full") == rejected + 3
