@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -62,33 +63,47 @@ def build_attention_metadata(
     context_lens[i]: tokens already cached; query_lens[i]: new tokens this step;
     block_tables[i]: the sequence's block ids, covering context_lens[i] + query_lens[i] tokens.
     """
-    num_decodes = 0
-    while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
-        num_decodes += 1
-    assert all(q > 1 for q in query_lens[num_decodes:]) or not causal, "decodes must come first"
-    qsl = [0]
-    for q in query_lens:
-        qsl.append(qsl[-1] + q)
-    seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
-    slots: list[int] = []
-    if block_tables:
-        import numpy as np
-        for c, q, bt in zip(context_lens, query_lens, block_tables):
-            pos = np.arange(c, c + q)
-            slots.extend((np.asarray(bt, dtype=np.int64)[pos // block_size] * block_size
-                          + pos % block_size).tolist())
+    return build_batch(context_lens, query_lens, block_tables, block_size, device, causal)[1]
+
+
+def build_batch(
+    context_lens: list[int],
+    query_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    device: torch.device | str = "cpu",
+    causal: bool = True,
+) -> tuple[torch.Tensor, AttentionMetadata]:
+    """Token positions [T] and the metadata, computed with whole-array numpy ops."""
+    qlens = np.asarray(query_lens, dtype=np.int64)
+    ctx = np.asarray(context_lens, dtype=np.int64)
+    num_seqs = len(qlens)
+    num_decodes = int(np.argmax(qlens != 1)) if (qlens != 1).any() else num_seqs
+    if causal:
+        assert (qlens[num_decodes:] > 1).all(), "decodes must come first"
+    qsl = np.zeros(num_seqs + 1, dtype=np.int64)
+    np.cumsum(qlens, out=qsl[1:])
+    seq_lens = ctx + qlens
+    # Position of every new token: its sequence's context length plus its offset in the query.
+    seq_of_token = np.repeat(np.arange(num_seqs), qlens)
+    positions = np.arange(qsl[-1], dtype=np.int64) - qsl[:-1][seq_of_token] + ctx[seq_of_token]
     max_blocks = max((len(bt) for bt in block_tables), default=0)
-    bt_t = torch.zeros((len(seq_lens), max(max_blocks, 1)), dtype=torch.int32)
-    for i, bt in enumerate(block_tables):
-        if bt:
-            bt_t[i, : len(bt)] = torch.tensor(bt, dtype=torch.int32)
-    return AttentionMetadata(
+    bt = np.zeros((num_seqs, max(max_blocks, 1)), dtype=np.int32)
+    for i, row in enumerate(block_tables):
+        bt[i, : len(row)] = row
+    if block_tables:
+        slots = bt[seq_of_token, positions // block_size].astype(np.int64) * block_size \
+            + positions % block_size
+    else:
+        slots = np.zeros(0, dtype=np.int64)
+    meta = AttentionMetadata(
         num_decodes=num_decodes,
-        query_start_loc=qsl,
-        seq_lens=seq_lens,
-        seq_lens_t=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_tables=bt_t.to(device),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_start_loc=qsl.tolist(),
+        seq_lens=seq_lens.tolist(),
+        seq_lens_t=torch.from_numpy(seq_lens.astype(np.int32)).to(device),
+        block_tables=torch.from_numpy(bt).to(device),
+        slot_mapping=torch.from_numpy(slots).to(device),
         block_size=block_size,
         causal=causal,
     )
+    return torch.from_numpy(positions).to(device), meta

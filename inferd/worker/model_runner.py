@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from inferd.attention.metadata import AttentionMetadata, build_attention_metadata
+from inferd.attention.metadata import AttentionMetadata, build_batch
 from inferd.request import Request
 from inferd.scheduler.output import ScheduledRequest, SchedulerOutput
 
@@ -50,6 +50,8 @@ class ModelRunner:
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.kv_caches: list[torch.Tensor] = []
+        # Encoders (BERT) attend bidirectionally and keep no KV cache.
+        self.is_encoder = bool(getattr(model, "is_encoder", False))
         self.generators: dict[str, torch.Generator] = {}
         self.grammar_states: dict[str, object] = {}
         self.grammar_manager = None  # set by the engine when a structured request arrives
@@ -94,19 +96,15 @@ class ModelRunner:
     def _prepare_inputs(self, scheduled: list[ScheduledRequest]
                         ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         tokens: list[int] = []
-        positions: list[np.ndarray] = []
-        ctx, qlens, tables = [], [], []
         for s in scheduled:
-            start, n = s.num_computed_tokens, s.num_new_tokens
-            tokens.extend(s.request.all_token_ids[start:start + n])
-            positions.append(np.arange(start, start + n, dtype=np.int64))
-            ctx.append(start)
-            qlens.append(n)
-            tables.append(s.block_ids)
-        meta = build_attention_metadata(ctx, qlens, tables, self.block_size, self.device)
+            start = s.num_computed_tokens
+            tokens.extend(s.request.all_token_ids[start:start + s.num_new_tokens])
+        positions, meta = build_batch([s.num_computed_tokens for s in scheduled],
+                                      [s.num_new_tokens for s in scheduled],
+                                      [s.block_ids for s in scheduled], self.block_size, self.device,
+                                      causal=not self.is_encoder)
         input_ids = torch.tensor(tokens, dtype=torch.int64, device=self.device)
-        pos = torch.from_numpy(np.concatenate(positions)).to(self.device)
-        return input_ids, pos, meta
+        return input_ids, positions, meta
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request], out: ModelRunnerOutput) -> None:
         from inferd.sample.metadata import SamplingMetadata
