@@ -14,6 +14,7 @@ Rules (reference §3.3), in order:
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any
 
 from inferd.entrypoints.parsers.reasoning.base import ReasoningSplit, register_reasoning_parser
 from inferd.entrypoints.parsers.reasoning.think import (
@@ -52,13 +53,13 @@ def prompt_think_state(prompt_text: str | None) -> PromptThinkState:
 class Qwen3ReasoningParser(ThinkTagReasoningParser):
     implicit_end_tags = (TOOL_CALL_START,)
 
-    def __init__(self, **kwargs):
+    def __init__(self, *, chat_template_kwargs: dict[str, Any] | None = None,
+                 prompt_text: str | None = None):
         # Set before the base constructor, which asks initial_mode().
-        kwargs_in = kwargs.get("chat_template_kwargs") or {}
         # The Qwen3 template tests `enable_thinking is false`, so only a literal False disables.
-        self._thinking_disabled = kwargs_in.get("enable_thinking", True) is False
-        self._prompt_state = prompt_think_state(kwargs.get("prompt_text"))
-        super().__init__(**kwargs)
+        self._thinking_disabled = (chat_template_kwargs or {}).get("enable_thinking", True) is False
+        self._prompt_state = prompt_think_state(prompt_text)
+        super().__init__(chat_template_kwargs=chat_template_kwargs, prompt_text=prompt_text)
 
     @property
     def _all_content(self) -> bool:

@@ -8,6 +8,7 @@ of the text into deltas; the property test in tests/unit/test_parsers.py holds i
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any
 
 from inferd.entrypoints.parsers.markers import find_first_marker, is_proper_prefix, partial_marker_len
 from inferd.entrypoints.parsers.reasoning.base import ReasoningParser
@@ -37,8 +38,9 @@ class ThinkTagReasoningParser(ReasoningParser):
     # (qwen3's bare `<tool_call>`). Text from such a tag onward is held until that is known.
     implicit_end_tags: tuple[str, ...] = ()
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, *, chat_template_kwargs: dict[str, Any] | None = None,
+                 prompt_text: str | None = None):
+        super().__init__(chat_template_kwargs=chat_template_kwargs, prompt_text=prompt_text)
         self._buf = ""  # text received but not yet emitted
         self._mode = self.initial_mode()
 
