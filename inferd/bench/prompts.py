@@ -85,21 +85,30 @@ async def fit_words(words: list[str], length: int, count: TokenCounter) -> tuple
     return text, n
 
 
-async def server_token_counter(client: httpx.AsyncClient, model: str) -> TokenCounter | None:
-    """A counter backed by the server's tokenize endpoint, or None when it has none we know.
+async def server_token_counter(client: httpx.AsyncClient, model: str, chat: bool
+                               ) -> tuple[TokenCounter, str] | None:
+    """A counter backed by the server's tokenize endpoint and what it counts, or None when the
+    server has no endpoint we know.
 
-    The count includes the special tokens a completion of the same text would get (BOS), since
-    /tokenize adds them by default just as /v1/completions does.
+    For completions the count includes the special tokens the completion gets (BOS): /tokenize adds
+    them by default, as /v1/completions does. For chat it counts the whole templated prompt when
+    the server tokenizes messages (inferd, vLLM), so `usage.prompt_tokens` equals --input-len on
+    both endpoints; otherwise only the message text.
     """
-    shapes = (("/tokenize", lambda text: {"model": model, "prompt": text}),
-              ("/extras/tokenize", lambda text: {"model": model, "input": text}))
-    for path, body in shapes:
+    def message(text: str) -> dict:
+        return {"model": model, "messages": [{"role": "user", "content": text}]}
+
+    shapes = [("/tokenize", lambda text: {"model": model, "prompt": text}, "the text"),
+              ("/extras/tokenize", lambda text: {"model": model, "input": text}, "the text")]
+    if chat:
+        shapes.insert(0, ("/tokenize", message, "the templated chat prompt"))
+    for path, body, what in shapes:
         try:
             resp = await client.post(path, json=body("hello world"))
         except httpx.HTTPError:
             continue
         if resp.status_code == 200 and _count_of(resp.json()) is not None:
-            return _make_counter(client, path, body)
+            return _make_counter(client, path, body), f"{what}, counted by the server's {path}"
     return None
 
 
@@ -125,7 +134,7 @@ def _count_of(obj: object) -> int | None:
     return None
 
 
-def local_token_counter(path: str) -> TokenCounter:
+def local_token_counter(path: str, chat: bool) -> tuple[TokenCounter, str]:
     """A counter from a local tokenizer (a HF directory, or a .gguf file's embedded one), for
     servers with no tokenize endpoint. Local files only: the benchmark talks to no other host."""
     from pathlib import Path
@@ -136,7 +145,14 @@ def local_token_counter(path: str) -> TokenCounter:
         tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
     else:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    templated = chat and getattr(tok, "chat_template", None) is not None
 
     async def count(text: str) -> int:
+        if templated:
+            # Render to text, then count without adding special tokens a second time.
+            rendered = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                               add_generation_prompt=True)
+            return len(tok(rendered, add_special_tokens=False)["input_ids"])
         return len(tok(text)["input_ids"])
-    return count
+    what = "the templated chat prompt" if templated else "the text"
+    return count, f"{what}, counted by {path}"

@@ -7,16 +7,18 @@ from typing import Any, Sequence
 
 from inferd.bench.stats import RequestResult
 
-RULE = "-" * 66
+WIDTH = 72
+LABEL = 38  # the widest label, "Cold start (command -> /health 200)", and a gap
+RULE = "-" * WIDTH
 
 
 def format_report(report: dict[str, Any]) -> str:
     """The human-readable table for a report built by `inferd.bench.serve`."""
     s, run, server = report["summary"], report["run"], report.get("server", {})
-    lines = [f"{' Serving benchmark: ' + (run.get('label') or run['model']) + ' ':=^66}"]
+    lines = [f"{' Serving benchmark: ' + (run.get('label') or run['model']) + ' ':=^{WIDTH}}"]
 
     def row(name: str, value: str) -> None:
-        lines.append(f"{name:<34}{value}")
+        lines.append(f"{name:<{LABEL}}{value}")
 
     row("Server", f"{run['base_url']}  ({run['endpoint']}, "
                   f"{'streaming' if run['stream'] else 'not streaming'})")
@@ -24,6 +26,7 @@ def format_report(report: dict[str, Any]) -> str:
     row("Workload", f"{run['num_requests']} requests, concurrency {run['concurrency']}, "
                     f"{run['input_len']} in / {run['output_len']} out"
                     f"{', ignore_eos' if run['ignore_eos'] else ''}")
+    row("Prompts", run["prompts"])
     if run.get("matmul_gflops") is not None:
         row("Matmul probe (fp32, numpy)", f"{run['matmul_gflops']:.0f} GFLOP/s")
     if server.get("cold_start_s") is not None:
@@ -47,7 +50,7 @@ def format_report(report: dict[str, Any]) -> str:
     row("Output tokens/s", f"{s['output_tokens_per_s']:.1f}")
     row("Total tokens/s", f"{s['total_tokens_per_s']:.1f}")
     lines.append(RULE)
-    lines.append(f"{'(ms)':<34}{'mean':>8}{'p50':>8}{'p90':>8}{'p99':>8}")
+    lines.append(f"{'(ms)':<{LABEL}}{'mean':>8}{'p50':>8}{'p90':>8}{'p99':>8}")
     for key, name in (("ttft_s", "Time to first token"), ("tpot_s", "Time per output token"),
                       ("itl_s", "Inter-token latency"), ("e2e_s", "End-to-end latency")):
         dist = s[key]
@@ -55,10 +58,10 @@ def format_report(report: dict[str, Any]) -> str:
             row(name, f"{'n/a':>8}")
             continue
         cells = "".join(f"{dist[k] * 1000:>8.1f}" for k in ("mean", "p50", "p90", "p99"))
-        lines.append(f"{name:<34}{cells}")
+        lines.append(f"{name:<{LABEL}}{cells}")
     for msg in s["error_messages"]:
         lines.append(f"error: {msg}")
-    lines.append("=" * 66)
+    lines.append("=" * WIDTH)
     return "\n".join(lines)
 
 

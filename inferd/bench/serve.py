@@ -150,18 +150,16 @@ async def build_prompts(client: httpx.AsyncClient, ns: argparse.Namespace, model
     if ns.token_prompts:
         ids = prompt_gen.token_id_prompts(num, ns.input_len, rng, tuple(ns.token_id_range))
         return list(ids), "token ids (exact)"
-    if ns.tokenizer:
-        count, how = prompt_gen.local_token_counter(ns.tokenizer), f"fitted with {ns.tokenizer}"
-    else:
-        count = await prompt_gen.server_token_counter(client, model)
-        how = "fitted with the server's tokenizer"
-    if count is None:
-        how = "one word per token (approximate: no tokenize endpoint; try --tokenizer)"
+    chat = ns.endpoint == "chat"
+    counter = (prompt_gen.local_token_counter(ns.tokenizer, chat) if ns.tokenizer
+               else await prompt_gen.server_token_counter(client, model, chat))
+    count, how = counter if counter else (None, "one token per word (approximate: no tokenize "
+                                                "endpoint; try --tokenizer)")
     texts, lengths = await prompt_gen.word_prompts(num, ns.input_len, rng, count)
     off = sum(1 for n in lengths if n >= 0 and n != ns.input_len)
     if off:
         how += f"; {off} prompts missed the length by a token or more"
-    return list(texts), f"random words, {how}"
+    return list(texts), f"random words fitted to {how}"
 
 
 async def run_load(client: httpx.AsyncClient, spec: RequestSpec, prompts: Sequence[Any],

@@ -145,7 +145,10 @@ def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, tp: Any, do
     added.add(dest)
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     flags = [f"--{dest.replace('_', '-')}", *override.aliases]
-    kwargs: dict[str, Any] = {"dest": dest, "default": default, "help": override.help or doc or None}
+    text = override.help or doc
+    # argparse %-formats help strings; a literal % in a field doc must not break --help.
+    kwargs: dict[str, Any] = {"dest": dest, "default": default,
+                              "help": text.replace("%", "%%") if text else None}
     base = _unwrap_optional(tp)
     origin = typing.get_origin(base)
     if base is bool:

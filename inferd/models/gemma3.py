@@ -119,7 +119,8 @@ class Gemma3ForCausalLM(nn.Module):
         # (transformers 5) hold the text model; the vision tower and projector are not served.
         if "vision_tower" in name or "multi_modal_projector" in name or "rotary_emb" in name:
             return None
-        name = name.replace("language_model.model.", "model.").replace("model.language_model.", "model.")
+        name = name.replace("language_model.model.", "model.")
+        name = name.replace("model.language_model.", "model.")
         name = name.replace("language_model.lm_head.", "lm_head.")
         if name == "lm_head.weight" and self.tie_word_embeddings:
             return None

@@ -110,7 +110,8 @@ class LlamaForCausalLM(nn.Module):
     @staticmethod
     def decoder_spec(config: Any) -> DecoderSpec:
         bias = bool(getattr(config, "attention_bias", False))
-        return DecoderSpec(qkv_bias=bias, o_bias=bias, mlp_bias=bool(getattr(config, "mlp_bias", False)))
+        return DecoderSpec(qkv_bias=bias, o_bias=bias,
+                           mlp_bias=bool(getattr(config, "mlp_bias", False)))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

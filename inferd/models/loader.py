@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -96,8 +96,9 @@ def _download_modelscope(model: str, revision: str | None, download_dir: str | N
     try:
         from modelscope import snapshot_download
     except ImportError:
-        raise ModelNotFoundError("INFERD_USE_MODELSCOPE=true but the `modelscope` package is not "
-                                 "installed; `pip install modelscope` or unset the variable") from None
+        raise ModelNotFoundError(
+            "INFERD_USE_MODELSCOPE=true but the `modelscope` package is not installed; "
+            "`pip install modelscope` or unset the variable") from None
     try:
         return Path(snapshot_download(model, revision=revision, cache_dir=download_dir,
                                       allow_patterns=HUB_ALLOW_PATTERNS))
@@ -161,23 +162,37 @@ def _weight_source(model_path: Path) -> tuple[Weights, int | None]:
         from inferd.models.gguf import GGUFModel
 
         gguf = GGUFModel(model_path)
-        return gguf.iter_weights(), getattr(gguf, "num_tensors", None)
+        names = getattr(gguf, "weight_names", None)
+        return gguf.iter_weights(), len(names()) if callable(names) else None
     return iter_safetensors_weights(model_path), _count_safetensors(model_path)
 
 
-def load_model(model_path: Path, hf_config: Any, dtype: torch.dtype,
-               device: str | torch.device) -> nn.Module:
-    """Build the model for `hf_config` on `device`, load its weights, return it in eval mode."""
+def load_checkpoint(model: nn.Module, model_path: Path) -> None:
+    """Stream a checkpoint's tensors into `model.load_weights`, with a progress bar."""
     from tqdm.auto import tqdm
 
     model_path = Path(model_path)
-    cls = get_model_class(architectures_of(hf_config))
-    device = torch.device(device)
-    with torch.device(device):  # parameters are allocated where they will live, uninitialised
-        model = cls(hf_config, dtype=dtype)
     weights, total = _weight_source(model_path)
     progress = tqdm(weights, total=total, desc=f"Loading {model_path.name}", unit="tensor",
                     leave=False)
-    model.load_weights(progress)
-    progress.close()
+    try:
+        model.load_weights(progress)
+    finally:
+        progress.close()
+
+
+def load_model(model_path: Path, hf_config: Any, dtype: torch.dtype, device: str | torch.device,
+               *, build: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """Build the model for `hf_config` on `device`, load its weights, return it in eval mode.
+
+    `build` replaces the registry class's constructor (e.g. a pooling adapter around a causal
+    LM); it runs under `torch.device(device)` like the default.
+    """
+    device = torch.device(device)
+    with torch.device(device):  # parameters are allocated where they will live, uninitialised
+        if build is not None:
+            model = build()
+        else:
+            model = get_model_class(architectures_of(hf_config))(hf_config, dtype=dtype)
+    load_checkpoint(model, Path(model_path))
     return model.to(device).eval()

@@ -313,7 +313,8 @@ def test_client_disconnect_aborts(http, server, stream):
 # --- a real model -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2(launch_server, smollm2_gguf):
-    with launch_server(model=str(smollm2_gguf)) as s:
+    # 30 layers: the base 16 MiB pool is too small for --max-model-len 512.
+    with launch_server(["--kv-cache-memory", "64MiB"], model=str(smollm2_gguf)) as s:
         yield s
 
 

@@ -119,7 +119,8 @@ def test_full_waiting_queue_is_429_with_retry_after(http, server):
     with httpx.Client(base_url=server.base_url, timeout=120) as running_client, \
             running_client.stream("POST", "/v1/completions", json={**body, "stream": True}) as running:
         assert running.status_code == 200
-        next(running.iter_lines())  # the one batch slot is now taken
+        lines = running.iter_lines()  # keep it: a dropped line iterator closes the stream
+        next(lines)  # the one batch slot is now taken
         waiting_result: dict[str, int] = {}
         waiter = threading.Thread(target=lambda: waiting_result.update(
             status=httpx.post(server.url_for("v1/completions"), timeout=120,

@@ -222,7 +222,8 @@ def test_load_counts_in_flight_requests(http, server):
                           json={"prompt": "Once", "max_tokens": 300, "stream": True,
                                 "ignore_eos": True}) as resp:
             assert resp.status_code == 200
-            next(resp.iter_lines())
+            lines = resp.iter_lines()  # keep it: a dropped line iterator closes the stream
+            next(lines)
             assert http.get("/load").json() == {"server_load": 1}
     deadline = time.monotonic() + 30
     while http.get("/load").json()["server_load"] != 0:

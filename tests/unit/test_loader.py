@@ -103,7 +103,8 @@ def test_gguf_file_dispatches_to_gguf_reader(monkeypatch, tmp_path):
         def iter_weights(self):
             return iter_safetensors_weights(ckpt)
 
-    monkeypatch.setitem(sys.modules, "inferd.models.gguf", types.SimpleNamespace(GGUFModel=FakeGGUF))
+    monkeypatch.setitem(sys.modules, "inferd.models.gguf",
+                        types.SimpleNamespace(GGUFModel=FakeGGUF))
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
     path = resolve_model(str(gguf))

@@ -45,7 +45,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     b, _, lq, d = q.shape
     groups = num_heads // num_kv_heads
     qg = q.reshape(b, num_kv_heads, groups, lq, d).float()
-    scores = torch.matmul(qg, k.float().unsqueeze(2).transpose(-1, -2)) * scale  # [B, Hkv, G, Lq, L]
+    # [B, Hkv, G, Lq, L]
+    scores = torch.matmul(qg, k.float().unsqueeze(2).transpose(-1, -2)) * scale
     scores = torch.tanh(scores / soft_cap) * soft_cap
     if is_causal:
         mask = _mask(torch.arange(lq, device=q.device), torch.arange(k.shape[2], device=q.device),

@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import uuid
-from typing import Any, Iterable
+from typing import Iterable
 
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ServerConfig:
     host: str = "0.0.0.0"
+    """Interface to listen on."""
     port: int = 8000
     api_keys: list[str] = field(default_factory=list)
     """Bearer keys accepted on every non-public route; empty means no auth."""
@@ -32,31 +33,48 @@ class ServerConfig:
     chat_template_content_format: str = "auto"
     """auto | string | openai"""
     default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Template variables for every chat request (a request's chat_template_kwargs win), e.g. '{"enable_thinking": false}'."""
     trust_request_chat_template: bool = False
+    """Honour a `chat_template` sent in a request (templates run sandboxed, but are still code)."""
     response_role: str = "assistant"
+    """Role of the generated message when add_generation_prompt is set."""
     reasoning_parser: str | None = None
+    """Split reasoning from content in chat output (e.g. deepseek_r1, qwen3)."""
     enable_auto_tool_choice: bool = False
+    """Let the model decide to call tools (tool_choice=auto); needs --tool-call-parser."""
     tool_call_parser: str | None = None
+    """How tool calls are read from the output (e.g. hermes, llama3_json, mistral)."""
     max_logprobs: int = 20
+    """Most logprobs / top_logprobs a request may ask for; -1: no limit."""
     max_num_queued_requests: int | None = None
     """Waiting requests allowed before new ones get 429 + Retry-After; None: unbounded."""
     max_request_body_bytes: int = 32 * 2**20
     """Larger request bodies get 413 before they are read."""
     allowed_origins: list[str] = field(default_factory=lambda: ["*"])
+    """CORS origins (words or a JSON list)."""
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    """CORS methods."""
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    """CORS headers."""
     allow_credentials: bool = False
+    """CORS: allow credentials."""
     root_path: str | None = None
     """Path prefix when served behind a proxy that strips it (FastAPI's root_path)."""
     uvicorn_log_level: str = "info"
     disable_uvicorn_access_log: bool = False
+    """No per-request access log lines."""
     enable_log_requests: bool = False
+    """Log each request's parameters as it arrives."""
     enable_request_id_headers: bool = False
     """Echo X-Request-Id (the client's, or a fresh one) on every response."""
     enable_server_load_tracking: bool = False
+    """Count in-flight generation/pooling requests for GET /load."""
     disable_fastapi_docs: bool = False
+    """Remove /docs, /redoc and /openapi.json."""
     ssl_keyfile: str | None = None
+    """TLS key file; serve HTTPS together with --ssl-certfile."""
     ssl_certfile: str | None = None
+    """TLS certificate file."""
     engine_stall_timeout: float = 120.0
     """Seconds with requests pending and no engine step before /health reports 503."""
     shutdown_timeout: float = 10.0

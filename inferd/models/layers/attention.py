@@ -23,7 +23,8 @@ class Attention(nn.Module):
                  sliding_window: int | None = None, logits_soft_cap: float | None = None) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+            raise ValueError(f"num_heads {num_heads} is not a multiple of "
+                             f"num_kv_heads {num_kv_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.sliding_window = sliding_window
