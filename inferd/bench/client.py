@@ -99,7 +99,8 @@ async def _streamed(client: httpx.AsyncClient, spec: RequestSpec, prompt: str | 
                     result: RequestResult, t0: float) -> None:
     async with client.stream("POST", spec.path, json=spec.body(prompt)) as resp:
         if resp.status_code != 200:
-            result.error = _http_error(resp.status_code, (await resp.aread()).decode(errors="replace"))
+            text = (await resp.aread()).decode(errors="replace")
+            result.error = _http_error(resp.status_code, text)
             return
         parser = SSEParser()
         tracker = StreamTracker(result, t0, spec.endpoint, spec.max_events)

@@ -2,7 +2,8 @@
 
 Each request gets its own random prompt so that no server gains from its prefix cache, which would
 make TTFT look better than a real workload's. Two ways:
-- token ids (`prompt: [ids]`, accepted by /v1/completions on inferd and vLLM): exact by construction;
+- token ids (`prompt: [ids]`, which /v1/completions accepts on inferd and vLLM): exact by
+  construction;
 - random words, fitted to the length with a token counter: the server's /tokenize (inferd, vLLM),
   llama-cpp-python's /extras/tokenize, a local tokenizer, or, with none, one token per word.
 """
@@ -16,18 +17,20 @@ import httpx
 
 TokenCounter = Callable[[str], Awaitable[int]]
 
-# Common short English words: in every BPE vocabulary we know, " word" is one token.
+# Common short English words: in the usual BPE vocabularies " word" is one token, which keeps the
+# length fit tight and makes the no-tokenizer fallback (one token per word) a fair estimate.
 WORDS = (
-    "the of and to in is it you that he was for on are with as his they be at one have this from "
-    "or had by word but not what all were we when your can said there use an each which she do how "
-    "their if will up other about out many then them these so some her would make like him into "
-    "time has look two more write go see number no way could people my than first water been call "
-    "who oil now find long down day did get come made may part over new sound take only little work "
-    "know place year live me back give most very after thing our just name good sentence man think "
-    "say great where help through much before line right too mean old any same tell boy follow came "
-    "want show also around form three small set put end does another well large must big even such "
-    "because turn here why ask went men read need land different home us move try kind hand picture "
-    "again change off play spell air away animal house point page letter mother answer found study"
+    "the of and to in is it you that he was for on are with as his they be at one have this "
+    "from or had by word but not what all were we when your can said there use an each which "
+    "she do how their if will up other about out many then them these so some her would make "
+    "like him into time has look two more write go see number no way could people my than first "
+    "water been call who oil now find long down day did get come made may part over new sound "
+    "take only little work know place year live me back give most very after thing our just "
+    "name good sentence man think say great where help through much before line right too mean "
+    "old any same tell boy follow came want show also around form three small set put end does "
+    "another well large must big even such because turn here why ask went men read need land "
+    "different home us move try kind hand picture again change off play spell air away animal "
+    "house point page letter mother answer found study"
 ).split()
 PAD_WORDS = (".", " a", " I", ",", " the", " of")  # each usually adds exactly one token
 MAX_FIT_STEPS = 24  # tokenizer calls per prompt: ~9 for the bisection, the rest for padding

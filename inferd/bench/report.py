@@ -40,7 +40,9 @@ def format_report(report: dict[str, Any]) -> str:
                                   if run.get("not_sent") else ""))
     row("Errors", str(s["errors"]))
     row("Benchmark duration", f"{s['duration_s']:.2f} s")
-    row("Prompt tokens (from usage)", str(s["prompt_tokens"]))
+    estimated = s["prompt_tokens_estimated"]
+    row("Prompt tokens", str(s["prompt_tokens"])
+        + (f"  ({estimated} requests without usage: --input-len assumed)" if estimated else ""))
     counted = s["output_tokens_counted_from_chunks"]
     row("Output tokens", str(s["output_tokens"])
         + (f"  ({counted} requests counted by chunks)" if counted else ""))

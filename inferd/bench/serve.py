@@ -1,7 +1,8 @@
 """Serving benchmark: an asyncio load generator for any OpenAI-compatible server.
 
     python benchmarks/serve.py --workload ii [--base-url http://127.0.0.1:8000] [--json-out r.json]
-    inferd bench serve --num-requests 64 --concurrency 16 --input-len 128 --output-len 128 --ignore-eos
+    inferd bench serve --num-requests 64 --concurrency 16 --input-len 128 --output-len 128 \\
+        --ignore-eos
     python benchmarks/serve.py --workload i --base-url http://127.0.0.1:8000 \\
         --measure-cold-start "inferd serve SmolLM2 --host 127.0.0.1 --port 8000"
 
@@ -51,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--base-url", default="http://127.0.0.1:8000", help="The server; all traffic goes here.")
     add("--model", help="Model name to request (default: the first id from /v1/models).")
     add("--endpoint", choices=sorted(ENDPOINT_PATHS), default="completions")
-    add("--workload", choices=sorted(WORKLOADS), help="A BENCHMARKS.md preset: (i) 8 req, conc 1, "
-        "128/128; (ii) 64 req, conc 16, 128/128; (iii) 128 req, conc 64, 256/64. Implies --ignore-eos.")
+    add("--workload", choices=sorted(WORKLOADS),
+        help="A BENCHMARKS.md preset: (i) 8 req, conc 1, 128/128; (ii) 64 req, conc 16, 128/128; "
+             "(iii) 128 req, conc 64, 256/64. Implies --ignore-eos.")
     add("--num-requests", type=int, help=f"default {DEFAULT_WORKLOAD.num_requests}")
     add("--concurrency", type=int, help=f"default {DEFAULT_WORKLOAD.concurrency}")
     add("--input-len", type=int, help=f"prompt tokens; default {DEFAULT_WORKLOAD.input_len}")
@@ -77,12 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-duration", type=float, default=3600.0,
         help="Seconds for the measured run; requests not started by then are not sent.")
     add("--json-out", metavar="FILE", help="Write settings, summary and every request's timings.")
-    add("--plot", metavar="FILE.png", help="TTFT / ITL histograms and a timeline (needs matplotlib).")
+    add("--plot", metavar="FILE.png",
+        help="TTFT / ITL histograms and a timeline (needs matplotlib).")
     add("--label", help="A name for this run in the table and the JSON.")
     add("--matmul-probe", action=argparse.BooleanOptionalAction, default=True,
-        help="Time a 1024^3 fp32 matmul first: the machines are noisy, so record how fast they are.")
+        help="Time a 1024^3 fp32 matmul first: the machines are noisy, so record their speed.")
     add("--measure-cold-start", metavar="CMD",
-        help="Launch this server command, time it to /health 200, benchmark it, then stop it.")
+        help="Launch this server command (no shell; leading NAME=value words set its environment), "
+             "time it to /health 200, benchmark it, then stop its process group.")
     add("--cold-start-timeout", type=float, default=900.0)
     add("--server-pid", type=int, help="Sample the peak RSS of this running server's process tree.")
     add("--rss-interval", type=float, default=0.25, help="Seconds between RSS samples.")
@@ -190,7 +194,7 @@ async def benchmark(ns: argparse.Namespace) -> tuple[dict[str, Any], list[Reques
     headers = {"Authorization": f"Bearer {ns.api_key}"} if ns.api_key else {}
     limits = httpx.Limits(max_connections=ns.concurrency + 4,
                           max_keepalive_connections=ns.concurrency + 4)
-    # trust_env=False: no proxy from the environment, so traffic goes to --base-url and nowhere else.
+    # trust_env=False: no proxy from the environment; traffic goes to --base-url and nowhere else.
     async with httpx.AsyncClient(base_url=ns.base_url, headers=headers, limits=limits,
                                  timeout=httpx.Timeout(ns.request_timeout, connect=30.0),
                                  trust_env=False) as client:
@@ -211,14 +215,22 @@ async def benchmark(ns: argparse.Namespace) -> tuple[dict[str, Any], list[Reques
             warm_errors = [r.error for r in warm if r.error]
         results, duration = await run_load(client, spec, all_prompts[:ns.num_requests],
                                            ns.concurrency, ns.max_duration)
-    run = {"label": ns.label, "base_url": ns.base_url, "model": model, "endpoint": ns.endpoint,
-           "stream": ns.stream, "num_requests": ns.num_requests, "concurrency": ns.concurrency,
-           "input_len": ns.input_len, "output_len": ns.output_len, "ignore_eos": ns.ignore_eos,
-           "temperature": ns.temperature, "workload": ns.workload, "seed": ns.seed,
-           "warmup": ns.warmup, "warmup_errors": warm_errors[:5], "prompts": prompt_note,
-           "not_sent": ns.num_requests - len(results), "max_model_len": max_model_len}
+    run = run_settings(ns, model, max_model_len, prompt_note)
+    run.update(warmup_errors=warm_errors[:5], not_sent=ns.num_requests - len(results))
+    # With ignore_eos every request should reach --output-len: a peer that ignores both
+    # ignore_eos and min_tokens shows up here rather than as a silently easier workload.
     short = sum(1 for r in results if r.ok and r.output_tokens < ns.output_len)
-    return {"run": run, "summary": summarize(results, duration), "short_requests": short}, results
+    summary = summarize(results, duration, ns.input_len)
+    return {"run": run, "summary": summary, "short_requests": short}, results
+
+
+def run_settings(ns: argparse.Namespace, model: str, max_model_len: int | None,
+                 prompt_note: str) -> dict[str, Any]:
+    """The settings that describe a run, for the table and the JSON."""
+    keys = ("label", "base_url", "endpoint", "stream", "num_requests", "concurrency", "input_len",
+            "output_len", "ignore_eos", "temperature", "workload", "seed", "warmup")
+    return {"model": model, "max_model_len": max_model_len, "prompts": prompt_note,
+            **{k: getattr(ns, k) for k in keys}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

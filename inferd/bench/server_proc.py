@@ -51,7 +51,8 @@ def _rss_bytes(pid: int) -> int:
     except ImportError:
         with contextlib.suppress(OSError, ValueError, IndexError):
             # statm's second field is resident pages.
-            return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+            return pages * os.sysconf("SC_PAGE_SIZE")
         return 0
     try:
         return psutil.Process(pid).memory_info().rss
@@ -83,7 +84,8 @@ class RSSSampler:
     for the loop would both miss peaks and add jitter to the measurements.
     """
 
-    def __init__(self, pid: int, interval_s: float = 0.25, max_duration_s: float = 4 * 3600) -> None:
+    def __init__(self, pid: int, interval_s: float = 0.25, max_duration_s: float = 4 * 3600
+                 ) -> None:
         self.pid = pid
         self.interval_s = interval_s
         self.max_samples = int(max_duration_s / interval_s) + 1
@@ -110,6 +112,18 @@ class RSSSampler:
                 break
 
 
+def split_env_assignments(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Leading `NAME=value` words as environment, as a shell would take them (BENCHMARKS.md starts
+    vLLM as `VLLM_CPU_KVCACHE_SPACE=4 ... python -m ...`); the command runs without a shell."""
+    env: dict[str, str] = {}
+    for i, word in enumerate(argv):
+        name, eq, value = word.partition("=")
+        if not eq or not name.replace("_", "a").isalnum() or name[0].isdigit():
+            return env, argv[i:]
+        env[name] = value
+    return env, []
+
+
 class ServerStartError(RuntimeError):
     """The launched server exited or never answered /health with 200."""
 
@@ -119,14 +133,15 @@ class LaunchedServer:
     stops its children too. Its output goes to a log file, shown when start-up fails."""
 
     def __init__(self, command: str) -> None:
-        self.argv = shlex.split(command)
+        self.env, self.argv = split_env_assignments(shlex.split(command))
         if not self.argv:
             raise ValueError("--measure-cold-start needs a command")
         self.log = tempfile.NamedTemporaryFile(prefix="inferd-bench-server-", suffix=".log",
                                                delete=False)
         self.started_at = time.perf_counter()
         self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     env={**os.environ, **self.env})
 
     @property
     def pid(self) -> int:
@@ -146,7 +161,8 @@ class LaunchedServer:
             if time.perf_counter() >= deadline:
                 break
             time.sleep(HEALTH_POLL_S)
-        raise ServerStartError(f"server not healthy after {timeout_s:g}s; its log:\n{self.log_tail()}")
+        raise ServerStartError(f"server not healthy after {timeout_s:g}s; its log:\n"
+                               f"{self.log_tail()}")
 
     def log_tail(self, chars: int = 3000) -> str:
         self.log.flush()

@@ -13,9 +13,9 @@ DONE = "[DONE]"
 class SSEParser:
     """Feed text as it arrives; get back the `data` payload of each complete event.
 
-    Follows the SSE rules that matter here: lines end in `\\n`, `\\r\\n` or `\\r`; a blank line ends an
-    event; `:` starts a comment; several `data:` lines in one event are joined with `\\n`; one space
-    after the colon is dropped. Fields other than `data` (`event`, `id`, `retry`) are ignored.
+    Follows the SSE rules that matter here: lines end in `\\n`, `\\r\\n` or `\\r`; a blank line ends
+    an event; `:` starts a comment; several `data:` lines in one event are joined with `\\n`; one
+    space after the colon is dropped. Fields other than `data` (`event`, `id`, `retry`) are ignored.
     """
 
     def __init__(self) -> None:

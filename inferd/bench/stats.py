@@ -60,7 +60,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def distribution(values: Sequence[float], quantiles: Sequence[float]) -> dict[str, float] | None:
-    """{'mean', 'p50', ...} of `values`, or None when there are none (e.g. TTFT without streaming)."""
+    """{'mean', 'p50', ...} of `values`; None when there are none (TTFT without streaming)."""
     if not values:
         return None
     out = {"mean": sum(values) / len(values)}
@@ -69,15 +69,15 @@ def distribution(values: Sequence[float], quantiles: Sequence[float]) -> dict[st
     return out
 
 
-def summarize(results: Sequence[RequestResult], duration: float, max_errors: int = 5
-              ) -> dict[str, Any]:
+def summarize(results: Sequence[RequestResult], duration: float, prompt_len: int = 0,
+              max_errors: int = 5) -> dict[str, Any]:
     """The run's report: counts, throughput over `duration` (the measured wall time) and the
-    latency distributions over successful requests."""
+    latency distributions over successful requests. `prompt_len` stands in for the prompt tokens
+    of requests whose server sent no usage."""
     ok = [r for r in results if r.ok]
     errors = [r for r in results if not r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
-    # Prompt tokens come from usage; a server that sends none contributes 0 rather than a guess.
-    prompt_tokens = sum(r.prompt_tokens or 0 for r in ok)
+    prompt_tokens = sum(prompt_len if r.prompt_tokens is None else r.prompt_tokens for r in ok)
     per_s = (lambda n: n / duration) if duration > 0 else (lambda n: 0.0)
     return {
         "duration_s": duration,
@@ -86,6 +86,7 @@ def summarize(results: Sequence[RequestResult], duration: float, max_errors: int
         "errors": len(errors),
         "error_messages": _first_distinct([r.error for r in errors if r.error], max_errors),
         "prompt_tokens": prompt_tokens,
+        "prompt_tokens_estimated": sum(1 for r in ok if r.prompt_tokens is None),
         "output_tokens": out_tokens,
         "output_tokens_counted_from_chunks": sum(1 for r in ok if not r.output_tokens_from_usage),
         "requests_per_s": per_s(len(ok)),

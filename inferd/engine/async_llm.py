@@ -179,6 +179,8 @@ class AsyncLLM:
         if self.errored:
             raise EngineDeadError(self._dead or "engine process is not running")
         q: asyncio.Queue = asyncio.Queue()
+        if not self.processor.parents:
+            self._last_output = time.monotonic()  # idle until now is not a stall
         reqs = self.processor.add_request(request_id, prompt, prompt_token_ids, params,
                                           self.info.eos_token_ids, q.put_nowait, cache_salt)
         self._queues[request_id] = q

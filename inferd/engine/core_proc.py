@@ -99,8 +99,23 @@ class EngineCoreProc:
         self.ctx.term()
 
 
+def _exit_with_parent() -> None:
+    """If the API server dies without shutting us down (SIGKILL), don't linger as an orphan."""
+    import threading
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("INFERD_LOG_LEVEL", "INFO"),
+    from inferd import envs
+    logging.basicConfig(level=envs.INFERD_LOGGING_LEVEL,
                         format="(EngineCore pid=%(process)d) %(levelname)s %(asctime)s %(message)s",
                         datefmt="%m-%d %H:%M:%S")
     in_addr, out_addr, ready_addr = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -108,6 +123,7 @@ def main() -> None:
     # The API server owns shutdown; Ctrl-C in a terminal must not kill the engine mid-step first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    _exit_with_parent()
     proc = EngineCoreProc(config, in_addr, out_addr, ready_addr)
     try:
         proc.run()

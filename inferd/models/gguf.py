@@ -166,7 +166,8 @@ class GGUFModel:
         try:
             return self.arch.config_class(**kwargs)
         except (ValueError, TypeError) as e:  # transformers' own config validation
-            raise GGUFError(f"{self.path}: metadata gives an invalid {self.arch.hf_architecture} config: {e}") from None
+            raise GGUFError(f"{self.path}: metadata gives an invalid {self.arch.hf_architecture} "
+                            f"config: {e}") from None
 
     def _rope_parameters(self, head_dim: int) -> dict[str, Any]:
         """transformers' `rope_parameters` from `rope.freq_base` and `rope.scaling.*`."""
@@ -193,7 +194,8 @@ class GGUFModel:
         """
         info = self.tensors[_ROPE_FREQS]
         if info.shape != (head_dim // 2,):
-            raise GGUFError(f"{self.path}: {_ROPE_FREQS} has shape {info.shape}, expected ({head_dim // 2},)")
+            raise GGUFError(f"{self.path}: {_ROPE_FREQS} has shape {list(info.shape)}, "
+                            f"expected [{head_dim // 2}]")
         with open(self.path, "rb") as f:
             stored = self._read_tensor(info, f).float()
         if torch.all(stored == 1):
@@ -220,7 +222,8 @@ class GGUFModel:
         layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
                        for i in range(n_layers)]
         # llama.cpp scales queries by 1/sqrt(head_dim), except the 27B (62 layers): 1/sqrt(hidden/heads).
-        scalar = kwargs["hidden_size"] // kwargs["num_attention_heads"] if n_layers == 62 else kwargs["head_dim"]
+        head_dim, hidden, n_heads = kwargs["head_dim"], kwargs["hidden_size"], kwargs["num_attention_heads"]
+        scalar = hidden // n_heads if n_layers == 62 else head_dim
         extra = dict(
             layer_types=layer_types, sliding_window=self._int(p + "attention.sliding_window", hi=1 << 30),
             query_pre_attn_scalar=scalar,
@@ -262,7 +265,8 @@ class GGUFModel:
     def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Weight shape (torch order) of each GGUF tensor kind under this config; a bias is [rows]."""
         c = self.hf_config
-        hidden, q_rows, kv_rows = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        hidden, q_rows, kv_rows = (c.hidden_size, c.num_attention_heads * c.head_dim,
+                                   c.num_key_value_heads * c.head_dim)
         shapes = {"token_embd": (c.vocab_size, hidden), "output": (c.vocab_size, hidden),
                   "attn_q": (q_rows, hidden), "attn_k": (kv_rows, hidden), "attn_v": (kv_rows, hidden),
                   "attn_output": (hidden, q_rows), "ffn_gate": (c.intermediate_size, hidden),
@@ -299,8 +303,11 @@ class GGUFModel:
         """
         with open(self.path, "rb") as f:
             for info, hf_name, transform in self._plan:
-                if names is None or hf_name in names:
-                    yield hf_name, transform(self._read_tensor(info, f)).to(dtype).contiguous()
+                if names is not None and hf_name not in names:
+                    continue
+                with gguf_quants.single_threaded():
+                    weight = transform(self._read_tensor(info, f)).to(dtype).contiguous()
+                yield hf_name, weight  # outside the `with`: the consumer runs on the usual threads
 
     def weight_names(self) -> dict[str, str]:
         """GGUF tensor name -> HF name, for every weight `iter_weights` yields."""
@@ -334,7 +341,8 @@ class GGUFModel:
         # llama.cpp adds BOS to a sentencepiece ("llama") vocabulary unless the file says otherwise.
         add_bos = meta.get("tokenizer.ggml.add_bos_token", spec.get("tokenizer_type") == "llama")
         kwargs["add_bos_token"] = bool(add_bos) and "bos_token" in kwargs
-        kwargs["add_eos_token"] = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and "eos_token" in kwargs
+        add_eos = meta.get("tokenizer.ggml.add_eos_token", False)
+        kwargs["add_eos_token"] = bool(add_eos) and "eos_token" in kwargs
         return transformers.PreTrainedTokenizerFast(**kwargs)
 
     def _generation_defaults(self) -> dict[str, Any]:
@@ -356,7 +364,8 @@ class GGUFModel:
         """eos/eot/eom ids from the metadata, then each control token llama.cpp also treats as an
         end of generation (e.g. Gemma's `<end_of_turn>`, which the file does not name as eos)."""
         ids = [i for key in ("eos", "eot", "eom") if (i := self._token_id(key)) is not None]
-        tokens, types = self.metadata.get("tokenizer.ggml.tokens"), self.metadata.get("tokenizer.ggml.token_type")
+        tokens = self.metadata.get("tokenizer.ggml.tokens")
+        types = self.metadata.get("tokenizer.ggml.token_type")
         if isinstance(tokens, list) and isinstance(types, list) and len(tokens) == len(types):
             index = {t: i for i, t in enumerate(tokens) if t in _EOG_TEXTS}
             ids += [i for i in index.values() if types[i] == _CONTROL]

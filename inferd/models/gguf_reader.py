@@ -136,7 +136,7 @@ def read_header(path: str | Path) -> GGUFHeader:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             if size < 24:
-                raise GGUFError(f"{path}: file is truncated ({size} bytes); not a GGUF file")
+                raise GGUFError(f"file is truncated ({size} bytes); not a GGUF file")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 return _parse(_Cursor(buf, size), path)
     except OSError as e:

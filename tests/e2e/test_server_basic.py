@@ -244,23 +244,38 @@ def test_client_disconnect_aborts_non_streaming_request(http, server):
     assert http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
 
 
-# -- the watchdog: a dead engine turns /health to 503 and the server exits non-zero ---------------
+# -- the watchdog: a stalled engine fails /health; a dead one also stops the server (exit 1) ------
 
-def test_engine_death_fails_health_and_exits_nonzero(launch_server):
-    with launch_server() as s:
-        engines = s.engine_pids()
-        assert len(engines) == 1
-        os.kill(engines[0], signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        status = None
-        while time.monotonic() < deadline and s.proc.poll() is None:
+def _wait_for_health(client: httpx.Client, status: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (got := client.get("/health").status_code) != status:
+        assert time.monotonic() < deadline, f"/health stayed {got}, expected {status}"
+        time.sleep(0.1)
+
+
+def test_engine_stall_and_death(launch_server):
+    stall_timeout = 5
+    with launch_server(["--engine-stall-timeout", str(stall_timeout)]) as s, \
+            httpx.Client(base_url=s.base_url, timeout=30) as client:
+        [engine] = s.engine_pids()
+        time.sleep(stall_timeout + 1)  # idle time is not a stall
+        with client.stream("POST", "/v1/completions", json={"prompt": "Go", "max_tokens": 400,
+                                                             "ignore_eos": True, "stream": True}) as resp:
+            lines = resp.iter_lines()
+            next(lines)
+            assert client.get("/health").status_code == 200
+            os.kill(engine, signal.SIGSTOP)  # pending work, no progress: a stall
             try:
-                status = httpx.get(s.url_for("health"), timeout=2).status_code
-            except httpx.HTTPError:
-                break
-            if status == 503:
-                break
-            time.sleep(0.05)
-        assert status == 503 or s.proc.poll() is not None
+                _wait_for_health(client, 503)
+            finally:
+                os.kill(engine, signal.SIGCONT)
+            _wait_for_health(client, 200)  # progress again: healthy again
+        os.kill(engine, signal.SIGKILL)
+        try:
+            _wait_for_health(client, 503, timeout=10)
+        except httpx.TransportError:
+            pass  # already gone: the watchdog is quick
         assert s.proc.wait(30) == 1
-        assert "The engine has died; shutting down the server." in s.log_text()
+        log = s.log_text()
+        assert "Health check failing: the engine has made no progress" in log
+        assert "The engine has died; shutting down the server." in log

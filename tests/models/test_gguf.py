@@ -60,7 +60,8 @@ def test_dequantize_random_blocks_bit_exact(qtype: Q) -> None:
     assert_bit_equal(ours, ref)
 
 
-@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1],
+                         ids=lambda q: q.name)
 def test_dequantize_quantized_values_bit_exact(qtype: Q) -> None:
     """Real values quantized by gguf's own quantizer, including exact zeros and an all-zero block."""
     values = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
@@ -115,32 +116,56 @@ def encode(values: np.ndarray, qtype: Q, rng: np.random.Generator) -> np.ndarray
         return gguf.quants.quantize(values, qtype)
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     rows, cols = values.shape
-    return random_blocks(qtype, rows * cols // block_size, rng).reshape(rows, cols // block_size * type_size)
+    blocks = random_blocks(qtype, rows * cols // block_size, rng)
+    return blocks.reshape(rows, cols // block_size * type_size)
 
 
-def write_tiny_llama(path: Path, with_output: bool = True) -> Path:
+# Per-layer vectors each architecture has besides attn_norm: GGUF name -> length.
+ARCH_VECTORS = {
+    "llama": {"ffn_norm.weight": HIDDEN},
+    "qwen2": {"ffn_norm.weight": HIDDEN, "attn_q.bias": N_HEADS * HEAD_DIM, "attn_k.bias": N_KV * HEAD_DIM,
+              "attn_v.bias": N_KV * HEAD_DIM},
+    "qwen3": {"ffn_norm.weight": HIDDEN, "attn_q_norm.weight": HEAD_DIM, "attn_k_norm.weight": HEAD_DIM},
+    "gemma3": {"ffn_norm.weight": HIDDEN, "attn_q_norm.weight": HEAD_DIM, "attn_k_norm.weight": HEAD_DIM,
+               "post_attention_norm.weight": HIDDEN, "post_ffw_norm.weight": HIDDEN},
+}
+
+
+def write_tiny(path: Path, arch: str = "llama", with_output: bool = True,
+               rope_freqs: np.ndarray | None = None) -> Path:
+    """A 2-layer model of `arch` whose matrices cycle through TINY_TYPES."""
     rng = np.random.default_rng(1)
-    w = gguf.GGUFWriter(str(path), arch="llama")
-    w.add_block_count(N_LAYERS)
-    w.add_context_length(128)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(FFN)
-    w.add_head_count(N_HEADS)
-    w.add_head_count_kv(N_KV)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    for add, value in ((w.add_block_count, N_LAYERS), (w.add_context_length, 128),
+                       (w.add_embedding_length, HIDDEN), (w.add_feed_forward_length, FFN),
+                       (w.add_head_count, N_HEADS), (w.add_head_count_kv, N_KV),
+                       (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_freq_base, 10000.0)):
+        add(value)
+    if arch == "gemma3":
+        w.add_key_length(HEAD_DIM)
+        w.add_value_length(HEAD_DIM)
+        w.add_sliding_window(16)
     for i, (name, shape) in enumerate(tiny_matrices(with_output).items()):
         qtype = TINY_TYPES[i % len(TINY_TYPES)]
         data = encode(rng.standard_normal(shape).astype(np.float32), qtype, rng)
         w.add_tensor(name, data, raw_dtype=None if qtype in (Q.F32, Q.F16) else qtype)
-    for name in ["output_norm.weight"] + [f"blk.{i}.{n}.weight" for i in range(N_LAYERS)
-                                          for n in ("attn_norm", "ffn_norm")]:
-        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
+    vectors = {"output_norm.weight": HIDDEN}
+    for i in range(N_LAYERS):
+        vectors.update({f"blk.{i}.{n}": size
+                        for n, size in {"attn_norm.weight": HIDDEN, **ARCH_VECTORS[arch]}.items()})
+    for name, size in vectors.items():
+        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(size)).astype(np.float32))
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_tiny_llama(path: Path, with_output: bool = True, rope_freqs: np.ndarray | None = None) -> Path:
+    return write_tiny(path, "llama", with_output, rope_freqs)
 
 
 @pytest.fixture(scope="module")
@@ -160,10 +185,56 @@ def reference_weights(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def stored_values(model: GGUFModel, name: str) -> np.ndarray:
+    """One tensor as gguf's reference dequantizes it (raw bytes located by our validated header;
+    gguf.GGUFReader takes minutes over Gemma's 262k-token vocabulary on a small CPU)."""
+    info = model.tensors[name]
+    raw = np.fromfile(model.path, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
+    raw = raw.reshape(gguf.quants.quant_shape_to_byte_shape(info.shape, info.qtype))
+    return gguf.quants.dequantize(raw, info.qtype).astype(np.float32)
+
+
+def transformers_reference(model: GGUFModel, gguf_names: set[str]) -> dict[str, np.ndarray]:
+    """HF name -> value for `gguf_names`, the way transformers' GGUF loader computes it: gguf's
+    dequantization, transformers' per-architecture tensor processor and GGUF -> HF name map (built
+    on a meta-device model, so nothing is allocated)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                          get_gguf_hf_weights_map)
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model.hf_config)
+    processor = TENSOR_PROCESSORS.get(model.arch_name, TensorProcessor)(config=model.hf_config.to_dict())
+    name_map = get_gguf_hf_weights_map(skeleton, processor)
+    return {name_map[name]: processor.process(stored_values(model, name), name).weights
+            for name in gguf_names}
+
+
+@pytest.mark.parametrize("arch", list(ARCH_VECTORS))
+def test_tiny_arch_matches_transformers_loader(tmp_path: Path, arch: str) -> None:
+    """Names, layouts and value fixes (Q/K un-permutation, Gemma's norm offset) for each architecture,
+    against transformers' GGUF name map and tensor processors; shapes against the HF modules."""
+    from transformers import AutoModelForCausalLM
+
+    model = GGUFModel(write_tiny(tmp_path / f"{arch}.gguf", arch))
+    hf_arch = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma3": "Gemma3"}[arch]
+    assert model.hf_config.architectures == [f"{hf_arch}ForCausalLM"]
+    ours = dict(model.iter_weights(torch.float32))
+    ref = transformers_reference(model, set(model.tensors))
+    assert set(ours) == set(ref)
+    for name, w in ours.items():
+        assert_bit_equal(w, ref[name])
+    with torch.device("meta"):
+        hf_params = dict(AutoModelForCausalLM.from_config(model.hf_config).named_parameters())
+    hf_shapes = {n: tuple(p.shape) for n, p in hf_params.items()}
+    assert hf_shapes == {n: tuple(w.shape) for n, w in ours.items()}
+
+
 def test_tiny_llama_config(tiny_path: Path) -> None:
     cfg = GGUFModel(tiny_path).hf_config
     assert cfg.architectures == ["LlamaForCausalLM"]
-    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (256, 4, 2, 64)
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (256, 4, 2)
+    assert cfg.head_dim == 64
     assert (cfg.vocab_size, cfg.num_hidden_layers, cfg.intermediate_size) == (VOCAB, 2, FFN)
     assert cfg.rms_norm_eps == 1e-5  # float32 metadata read as its shortest decimal
     assert cfg.tie_word_embeddings is False
@@ -176,7 +247,8 @@ def test_tiny_llama_weights_match_reference(tiny_path: Path) -> None:
     names = model.weight_names()
     assert set(names) == set(ref)
     assert {"lm_head.weight", "model.norm.weight", "model.layers.1.self_attn.k_proj.weight",
-            "model.layers.0.post_attention_layernorm.weight", "model.layers.1.mlp.down_proj.weight"} <= set(ours)
+            "model.layers.0.post_attention_layernorm.weight",
+            "model.layers.1.mlp.down_proj.weight"} <= set(ours)
     used = {model.tensors[n].qtype for n in names}
     assert set(TINY_TYPES) <= used
     for gguf_name, hf_name in names.items():
@@ -206,6 +278,41 @@ def test_tied_embeddings_without_output(tmp_path: Path) -> None:
     model = GGUFModel(write_tiny_llama(tmp_path / "tied.gguf", with_output=False))
     assert model.hf_config.tie_word_embeddings is True
     assert "lm_head.weight" not in {name for name, _ in model.iter_weights()}
+
+
+def llama3_rope_factors(theta: float, factor: float, low: float, high: float, original: int) -> np.ndarray:
+    """The `rope_freqs` vector llama.cpp's converter writes for Llama 3 rope scaling
+    (convert_hf_to_gguf.py LlamaModel.generate_extra_tensors), written out independently."""
+    freqs = 1.0 / (theta ** (np.arange(0, HEAD_DIM, 2, dtype=np.float64) / HEAD_DIM))
+    out = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / freq
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def test_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path: Path) -> None:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    factors = llama3_rope_factors(10000.0, 32.0, 1.0, 4.0, 8192)
+    assert len(set(factors.tolist())) > 3  # unscaled, smoothed and fully scaled frequencies
+    model = GGUFModel(write_tiny_llama(tmp_path / "llama3.gguf", rope_freqs=factors))
+    assert model.hf_config.rope_parameters == {
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 32.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    assert "rope_freqs.weight" not in model.weight_names()
+    # llama.cpp divides each base frequency by its factor; transformers must end up the same.
+    hf_inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](model.hf_config, "cpu")
+    base = 1.0 / (10000.0 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32) / HEAD_DIM))
+    torch.testing.assert_close(hf_inv_freq, base / torch.from_numpy(factors), rtol=1e-5, atol=0)
+    with pytest.raises(GGUFError, match="rope scaling"):
+        GGUFModel(write_tiny_llama(tmp_path / "odd.gguf", rope_freqs=factors[::-1].copy()))
 
 
 # --- corrupt and hostile files -------------------------------------------------------------------
@@ -267,7 +374,8 @@ HOSTILE = {
     "unknown_type": (gguf_bytes(tensors=[tensor_entry("a", [8], 99, 0)]), "unknown ggml type 99"),
     "removed_type": (gguf_bytes(tensors=[tensor_entry("a", [32], 4, 0)]), "unknown ggml type 4"),
     "partial_block": (gguf_bytes(tensors=[tensor_entry("a", [33], int(Q.Q8_0), 0)]), "block size"),
-    "overlap": (gguf_bytes(tensors=[tensor_entry("a", [8], 0, 0), tensor_entry("b", [8], 0, 0)]), "overlap"),
+    "overlap": (gguf_bytes(tensors=[tensor_entry("a", [8], 0, 0), tensor_entry("b", [8], 0, 0)]),
+                "overlap"),
     "duplicate_tensor": (gguf_bytes(tensors=[tensor_entry("a", [4], 0, 0), tensor_entry("a", [4], 0, 32)],
                                     data=b"\0" * 64), "duplicate tensor"),
     "huge_tensor_count": (gguf_bytes(n_tensors=1 << 60), "more than"),
@@ -388,8 +496,7 @@ def test_smol_weights_equal_transformers(smol: GGUFModel, smol_hf_state: dict[st
     for name, w in ours.items():
         assert torch.equal(w, smol_hf_state[name]), name
     # The Q/K check above proves something only if the rows were really moved.
-    raw_q = next(t for t in gguf.GGUFReader(str(SMOL_DIR / SMOL_FILE)).tensors if t.name == "blk.0.attn_q.weight")
-    stored = torch.from_numpy(gguf.quants.dequantize(raw_q.data, raw_q.tensor_type))
+    stored = torch.from_numpy(stored_values(smol, "blk.0.attn_q.weight"))
     assert not torch.equal(stored, ours["model.layers.0.self_attn.q_proj.weight"])
 
 
@@ -399,11 +506,13 @@ def test_smol_tokenizer_matches_transformers(smol: GGUFModel) -> None:
 
     ours = smol.tokenizer()
     ref = AutoTokenizer.from_pretrained(SMOL_DIR, gguf_file=SMOL_FILE)
-    texts = ["Hello world!", "  two spaces\n\nnew\tlines 12345", "ünïcödé 🤗 <|im_start|>user<|im_end|>", ""]
+    texts = ["Hello world!", "  two spaces\n\nnew\tlines 12345",
+             "ünïcödé 🤗 <|im_start|>user<|im_end|>", ""]
     for text in texts:
         assert ours(text).input_ids == ref(text).input_ids, text
         assert ours.decode(ours(text).input_ids) == text
-    assert (ours.bos_token, ours.eos_token, ours.unk_token) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+    specials = (ours.bos_token, ours.eos_token, ours.unk_token)
+    assert specials == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
     assert len(ours) == 49152
     assert ours.chat_template == smol.chat_template == ref.chat_template
     prompt = ours.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
@@ -444,30 +553,6 @@ def test_gemma3_config(gemma: GGUFModel) -> None:
     assert model.generation_defaults["eos_token_id"] == [1, 106]  # <eos>, <end_of_turn>
 
 
-def stored_values(model: GGUFModel, name: str) -> np.ndarray:
-    """One tensor as gguf's reference dequantizes it (raw bytes located by our validated header;
-    gguf.GGUFReader takes minutes over Gemma's 262k-token vocabulary on a small CPU)."""
-    info = model.tensors[name]
-    raw = np.fromfile(model.path, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
-    raw = raw.reshape(gguf.quants.quant_shape_to_byte_shape(info.shape, info.qtype))
-    return gguf.quants.dequantize(raw, info.qtype).astype(np.float32)
-
-
-def transformers_reference(model: GGUFModel, gguf_names: set[str]) -> dict[str, np.ndarray]:
-    """HF name -> value for `gguf_names`, the way transformers' GGUF loader computes it: gguf's
-    dequantization, transformers' per-architecture tensor processor and GGUF -> HF name map (built
-    on a meta-device model, so nothing is allocated)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, get_gguf_hf_weights_map
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model.hf_config)
-    processor = TENSOR_PROCESSORS[model.arch_name](config=model.hf_config.to_dict())
-    name_map = get_gguf_hf_weights_map(skeleton, processor)
-    return {name_map[name]: processor.process(stored_values(model, name), name).weights
-            for name in gguf_names}
-
-
 @needs_gemma
 def test_gemma3_sampled_weights_match_transformers_loader(gemma: GGUFModel) -> None:
     """Every tensor kind (all of layer 4, the final norm) and every quant type in the file."""
@@ -485,7 +570,8 @@ def test_gemma3_sampled_weights_match_transformers_loader(gemma: GGUFModel) -> N
 
 
 @needs_gemma
-@pytest.mark.skipif(not os.environ.get("INFERD_SLOW_TESTS"), reason="minutes on a small CPU; set INFERD_SLOW_TESTS=1")
+@pytest.mark.skipif(not os.environ.get("INFERD_SLOW_TESTS"),
+                    reason="minutes on a small CPU; set INFERD_SLOW_TESTS=1")
 def test_gemma3_all_weights_equal_transformers(gemma_path: Path, gemma: GGUFModel) -> None:
     pytest.importorskip("accelerate")
     from transformers import AutoModelForCausalLM

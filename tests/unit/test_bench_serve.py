@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import shlex
 import socket
@@ -16,6 +17,7 @@ import pytest
 from inferd.bench import serve as bench
 from inferd.bench.client import RequestSpec, StreamTracker, send_request
 from inferd.bench.prompts import fit_words, token_id_prompts, word_prompts
+from inferd.bench.server_proc import split_env_assignments, tree_rss_bytes
 from inferd.bench.sse import SSEParser
 from inferd.bench.stats import RequestResult, percentile, summarize
 
@@ -219,6 +221,12 @@ def test_workload_presets_and_overrides() -> None:
     assert not ns.ignore_eos and not ns.token_prompts and ns.num_requests == 8
     with pytest.raises(SystemExit):
         bench.resolve_args(parser.parse_args(["--endpoint", "chat", "--token-prompts"]), parser)
+
+
+def test_server_command_env_and_rss() -> None:
+    cmd = shlex.split("A_B=4 X=0-1 python -m m --flag=1")
+    assert split_env_assignments(cmd) == ({"A_B": "4", "X": "0-1"}, ["python", "-m", "m", "--flag=1"])
+    assert tree_rss_bytes(os.getpid()) > 10**6
 
 
 # --- a real server -------------------------------------------------------------------------------
