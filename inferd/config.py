@@ -71,29 +71,43 @@ class ModelConfig:
     model: str
     """Local HF directory, a .gguf file, or a hub id."""
     tokenizer: str | None = None
+    """Tokenizer path or hub id when it differs from the model's."""
     revision: str | None = None
+    """Hub revision (branch, tag or commit) to download."""
     download_dir: str | None = None
+    """Where hub downloads go (default: the Hugging Face cache)."""
     dtype: str = "auto"
+    """auto | float32 | bfloat16 | float16. auto: bf16 on GPUs and CPUs with AVX512-BF16/AMX, else fp32."""
     max_model_len: int | None = None
+    """Context length (prompt + output). Default: what the KV pool holds, up to the model's limit."""
     served_model_name: list[str] = field(default_factory=list)
+    """Names the API answers to; the first is reported."""
     generation_config: str = "auto"
     """'auto' reads the model's generation_config.json; 'vllm' ignores it; or a folder path."""
     seed: int = 0
+    """Seed of the engine's global random state (per-request seeds override it)."""
     runner: str = "auto"
     """auto | generate | pooling"""
     convert: str = "auto"
     """auto | embed | classify: run a causal LM as a pooler."""
     pooler_config: dict[str, Any] | None = None
+    """Pooling overrides as JSON, e.g. {"pooling_type": "MEAN", "normalize": true}."""
     enforce_eager: bool = False
+    """Never capture CUDA graphs or compile; run the model eagerly."""
+    quantization: str | None = None
+    """Weight-only quantization applied at load: int8 | int4 (CPU decode speed)."""
 
 
 @dataclass
 class CacheConfig:
     block_size: int = 16
+    """Tokens per KV-cache block."""
     kv_cache_memory: str | None = None
     """KV pool size on CPU, e.g. '4GiB'. Default: 4 GiB, capped at a quarter of free RAM."""
     gpu_memory_utilization: float = 0.92
+    """Fraction of GPU memory the engine may use (weights, activations and the KV pool)."""
     enable_prefix_caching: bool = True
+    """Reuse the KV blocks of shared prompt prefixes across requests."""
     num_gpu_blocks_override: int | None = None
     """Exact pool size in blocks (tests use tiny pools to force preemption)."""
 
@@ -101,16 +115,21 @@ class CacheConfig:
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 256
+    """Most sequences running at once."""
     max_num_batched_tokens: int | None = None
     """Per-step token budget; chunked prefill splits prompts to fit it. Default 2048."""
     max_num_queued_requests: int | None = None
+    """Refuse new requests with 429 when this many are already waiting (default: unbounded)."""
     enable_chunked_prefill: bool = True
+    """Split long prompts across steps so decodes keep flowing."""
 
 
 @dataclass
 class ParallelConfig:
     tensor_parallel_size: int = 1
+    """Not yet supported: must be 1."""
     data_parallel_size: int = 1
+    """Not yet supported: must be 1."""
 
 
 @dataclass
@@ -120,6 +139,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: str = "auto"
+    """auto | cpu | cuda"""
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
@@ -129,6 +149,11 @@ class EngineConfig:
             raise ConfigError("--max-num-seqs must be >= 1")
         if self.scheduler.max_num_batched_tokens is not None and self.scheduler.max_num_batched_tokens < 1:
             raise ConfigError("--max-num-batched-tokens must be >= 1")
+        if self.parallel.tensor_parallel_size != 1 or self.parallel.data_parallel_size != 1:
+            raise ConfigError("tensor and data parallelism are not implemented yet; "
+                              "use --tensor-parallel-size 1 --data-parallel-size 1")
+        if self.model.quantization not in (None, "int8", "int4"):
+            raise ConfigError(f"--quantization {self.model.quantization!r} is not one of int8, int4")
         if not 0.0 < self.cache.gpu_memory_utilization <= 1.0:
             raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
 

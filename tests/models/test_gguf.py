@@ -257,6 +257,9 @@ def test_tiny_llama_weights_match_reference(tiny_path: Path) -> None:
 
 def test_tiny_llama_runtime_dtype(tiny_path: Path) -> None:
     model = GGUFModel(tiny_path)
+    threads = torch.get_num_threads()
+    next(model.iter_weights())  # dequantization runs single-threaded, but only inside the generator
+    assert torch.get_num_threads() == threads
     fp32 = dict(model.iter_weights(torch.float32))
     for name, w in model.iter_weights(torch.bfloat16):
         assert w.dtype == torch.bfloat16 and w.is_contiguous()
