@@ -225,7 +225,8 @@ def test_workload_presets_and_overrides() -> None:
 
 def test_server_command_env_and_rss() -> None:
     cmd = shlex.split("A_B=4 X=0-1 python -m m --flag=1")
-    assert split_env_assignments(cmd) == ({"A_B": "4", "X": "0-1"}, ["python", "-m", "m", "--flag=1"])
+    assert split_env_assignments(cmd) == ({"A_B": "4", "X": "0-1"},
+                                          ["python", "-m", "m", "--flag=1"])
     assert tree_rss_bytes(os.getpid()) > 10**6
 
 
