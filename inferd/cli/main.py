@@ -89,6 +89,9 @@ def cmd_generate(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def cmd_bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if ns.kind == "serve":  # ships in the package, so it works from any folder
+        from inferd.bench.serve import main as bench_serve
+        return bench_serve(list(ns.bench_args))
     script = Path.cwd() / "benchmarks" / f"{ns.kind}.py"
     if not script.exists():
         parser.error(f"no benchmark {script}; run `inferd bench` from a source checkout "
