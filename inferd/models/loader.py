@@ -157,22 +157,23 @@ def _count_safetensors(model_dir: Path) -> int:
     return total
 
 
-def _weight_source(model_path: Path) -> tuple[Weights, int | None]:
+def _weight_source(model_path: Path, dtype: torch.dtype | None = None) -> tuple[Weights, int | None]:
     if model_path.suffix == ".gguf":
         from inferd.models.gguf import GGUFModel
 
         gguf = GGUFModel(model_path)
         names = getattr(gguf, "weight_names", None)
-        return gguf.iter_weights(), len(names()) if callable(names) else None
+        # Dequantize straight to the runtime dtype: no fp32 copy of every tensor on the way.
+        return gguf.iter_weights(dtype or torch.float32), len(names()) if callable(names) else None
     return iter_safetensors_weights(model_path), _count_safetensors(model_path)
 
 
-def load_checkpoint(model: nn.Module, model_path: Path) -> None:
+def load_checkpoint(model: nn.Module, model_path: Path, dtype: torch.dtype | None = None) -> None:
     """Stream a checkpoint's tensors into `model.load_weights`, with a progress bar."""
     from tqdm.auto import tqdm
 
     model_path = Path(model_path)
-    weights, total = _weight_source(model_path)
+    weights, total = _weight_source(model_path, dtype)
     progress = tqdm(weights, total=total, desc=f"Loading {model_path.name}", unit="tensor",
                     leave=False)
     try:
@@ -194,5 +195,5 @@ def load_model(model_path: Path, hf_config: Any, dtype: torch.dtype, device: str
             model = build()
         else:
             model = get_model_class(architectures_of(hf_config))(hf_config, dtype=dtype)
-    load_checkpoint(model, Path(model_path))
+    load_checkpoint(model, Path(model_path), dtype)
     return model.to(device).eval()
