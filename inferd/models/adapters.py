@@ -43,6 +43,10 @@ class CausalLMPoolingModel(nn.Module):
     architectures, `base_cls`; `as_pooling_model` makes one for any causal LM class."""
 
     is_pooling_model = True
+    # To the runner this is an encoder: whole prompts in one step, no KV cache, metadata built
+    # with causal=False (so 1-token prompts may sit anywhere in the batch); `forward` makes
+    # the attention causal again.
+    is_encoder = True
     uses_token_type_ids = False
     default_pooling = PoolingType.LAST
     base_cls: type[nn.Module]
@@ -143,8 +147,9 @@ def pooling_model_class(hf_config: Any, convert: str = "auto", runner: str = "au
         raise ConfigError(f"--convert {convert!r} is not one of {', '.join(CONVERT_CHOICES)}")
     cls = get_model_class(architectures_of(hf_config))
     if getattr(cls, "is_pooling_model", False):
-        if convert == "embed" and getattr(cls, "pooler_kind", EMBED) != EMBED:
-            raise ConfigError("--convert embed on a classifier checkpoint is not supported")
+        if convert not in ("auto", cls.pooler_kind):
+            raise ConfigError(f"--convert {convert} does not apply to {cls.__name__}, which is "
+                              f"already a pooling model ({cls.pooler_kind}); drop --convert")
         return cls
     if convert == "auto":
         if runner != "pooling":
@@ -168,9 +173,7 @@ def pooling_tasks(hf_config: Any, convert: str = "auto", runner: str = "auto") -
     cls = pooling_model_class(hf_config, convert, runner)
     if cls is None:
         return ()
-    is_classifier = (getattr(cls, "pooler_kind", None) == CLASSIFY
-                     or cls.__name__.endswith("ForSequenceClassification"))
-    if is_classifier:
+    if cls.pooler_kind == CLASSIFY:
         return (CLASSIFY, SCORE) if num_labels_of(hf_config) == 1 else (CLASSIFY,)
     return (EMBED, SCORE)
 

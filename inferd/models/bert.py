@@ -177,6 +177,8 @@ class BertModel(BertBackbone):
     """
 
     is_pooling_model = True
+    is_encoder = True  # the runner builds bidirectional (causal=False) metadata, no KV cache
+    pooler_kind = "embed"
     uses_token_type_ids = True
     default_pooling = PoolingType.CLS
     checkpoint_prefix = "bert."
@@ -213,6 +215,8 @@ class BertForSequenceClassification(nn.Module):
     """
 
     is_pooling_model = True
+    is_encoder = True
+    pooler_kind = "classify"
     uses_token_type_ids = True
     default_pooling = PoolingType.CLS
 

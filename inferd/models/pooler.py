@@ -127,8 +127,7 @@ def _st_pooling_type(path: Path) -> PoolingType | None:
         return None
     d = json.loads(path.read_text())
     if isinstance(d.get("pooling_mode"), str):  # newer sentence-transformers spelling
-        mode = d["pooling_mode"].lower().replace("_token", "").replace("_tokens", "")
-        modes = [mode]
+        modes = [d["pooling_mode"].lower().removesuffix("_tokens").removesuffix("_token")]
     else:
         modes = [k.removeprefix("pooling_mode_").removesuffix("_tokens").removesuffix("_token")
                  for k, v in d.items() if k.startswith("pooling_mode_") and v is True]

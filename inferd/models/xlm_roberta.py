@@ -63,6 +63,8 @@ class XLMRobertaForSequenceClassification(nn.Module):
     (or the activation the checkpoint's sentence-transformers config names)."""
 
     is_pooling_model = True
+    is_encoder = True
+    pooler_kind = "classify"
     uses_token_type_ids = False
     default_pooling = PoolingType.CLS
 

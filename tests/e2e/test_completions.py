@@ -281,9 +281,11 @@ def test_seed_makes_sampling_reproducible(client):
 
 
 def test_prompt_validation_messages(http, tokenizer):
-    assert_400(http, {"prompt": ""}, "Either prompt or prompt_embeds must be provided and non-empty.")
+    assert_400(http, {"prompt": ""},
+               "Either prompt or prompt_embeds must be provided and non-empty.")
     assert_400(http, {"prompt": []}, "Either prompt or prompt_embeds")
-    assert_400(http, {"prompt": [len(tokenizer) + 5]}, f"Token id {len(tokenizer) + 5} is out of vocabulary")
+    oov = len(tokenizer) + 5
+    assert_400(http, {"prompt": [oov]}, f"Token id {oov} is out of vocabulary")
     err = assert_400(http, {"prompt": PROMPT, "max_tokens": 600},
                      "This model's maximum context length is 512 tokens. However, you requested "
                      "600 output tokens")
@@ -328,7 +330,8 @@ def test_invocations_dispatches_completions(http):
     assert via["object"] == "text_completion"
     assert [c["text"] for c in via["choices"]] == [c["text"] for c in direct["choices"]]
     resp = http.post("/invocations", json={"input": "embed me"})
-    assert resp.status_code == 400 and "Cannot find suitable handler" in resp.json()["error"]["message"]
+    assert resp.status_code == 400
+    assert "Cannot find suitable handler" in resp.json()["error"]["message"]
     resp = http.post("/invocations", content=b"{nope", headers={"content-type": "application/json"})
     assert resp.status_code == 400 and "JSON decode error" in resp.json()["error"]["message"]
 

@@ -109,6 +109,8 @@ def test_token_ids_equal_text(http, tokenizer):
     by_ids = embed(http, ids)
     one = embed(http, ids[0])  # a single list of ids is one prompt
     assert len(one) == 1
+    # A one-token prompt after a longer one in the same batch (no decode-first ordering).
+    assert len(embed(http, [ids[0], [tokenizer.cls_token_id]])) == 2
     for a, b in zip(by_text + by_text[:1], by_ids + one):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 

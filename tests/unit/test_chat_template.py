@@ -55,7 +55,8 @@ TOOLS = [{"type": "function", "function": {
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello!"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Ünïcödé ✓ 🚀"}],
+     {"role": "assistant", "content": "Hello."},
+     {"role": "user", "content": "Ünïcödé ✓ 🚀"}],
     [{"role": "user", "content": "Weather in Paris?"},
      {"role": "assistant", "content": None, "tool_calls": [
          {"id": "call_1", "type": "function",
@@ -76,12 +77,15 @@ def ours(tok, messages, template=None, **kw):
                        special_tokens=special_tokens_of(tok), **kw)
 
 
-@pytest.mark.parametrize("conv", range(len(CONVERSATIONS)))
+# SmolLM2's template concatenates content, so only conversations with string content everywhere.
+STRING_CONVERSATIONS = [i for i, c in enumerate(CONVERSATIONS)
+                        if all(isinstance(m.get("content"), str) for m in c)]
+
+
+@pytest.mark.parametrize("conv", STRING_CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_smollm2_template_matches_transformers(tok, conv, add_generation_prompt):
     messages = CONVERSATIONS[conv]
-    if any(m.get("content") is None for m in messages):
-        pytest.skip("SmolLM2's template concatenates content: needs a string everywhere")
     expected = tok.apply_chat_template(messages, tokenize=False,
                                        add_generation_prompt=add_generation_prompt)
     assert ours(tok, messages, add_generation_prompt=add_generation_prompt) == expected
@@ -118,7 +122,8 @@ def test_list_content_flattened_for_string_templates(tok):
 
 def test_list_content_kept_for_part_templates(tok):
     assert detect_content_format(PARTS_TEMPLATE) == "openai"
-    msgs = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    msgs = [{"role": "user", "content": parts},
             {"role": "assistant", "content": "c"}]
     assert ours(tok, msgs, PARTS_TEMPLATE) == "<user>[a][b]<assistant>[c]<assistant>"
     # forced string format joins the parts even for such a template
@@ -168,6 +173,9 @@ def test_raise_exception_is_a_bad_request(tok):
     "{% set ns = namespace() %}{% set ns._private = 1 %}",
     "{{ messages.append({'role': 'x'}) }}",
     "{{ dict.__class__ }}{{ dict.__call__.__globals__ }}",
+    "{{ 'a' * 10**10 }}",
+    "{{ [0] * 10**9 }}",
+    "{{ 7 ** 100000000 }}",
 ])
 def test_sandbox_blocks_escapes(tok, template):
     with pytest.raises(BadRequest) as info:

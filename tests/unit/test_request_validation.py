@@ -93,16 +93,19 @@ def test_unknown_fields_are_ignored_and_int64_seed_accepted():
 # --- bounds -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fields, param", [
     ({"temperature": 2.5}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-    ({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"), ({"presence_penalty": 3}, "presence_penalty"),
-    ({"frequency_penalty": -3}, "frequency_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"),
+    ({"presence_penalty": 3}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"stop": [""]}, "stop"), ({"stop": ["x"] * 65}, "stop"), ({"stop": ["x" * 2000]}, "stop"),
     ({"logit_bias": {"1000": 1}}, "logit_bias"), ({"logit_bias": {"abc": 1}}, "logit_bias"),
     ({"logit_bias": {"-1": 1}}, "logit_bias"), ({"stop_token_ids": [1000]}, "stop_token_ids"),
     ({"allowed_token_ids": [5000]}, "allowed_token_ids"), ({"min_tokens": 20}, "min_tokens"),
     ({"logprobs": 21}, "logprobs"), ({"prompt_logprobs": 21}, "prompt_logprobs"),
     ({"prompt_logprobs": -1}, "prompt_logprobs"), ({"max_tokens": 95}, "input_tokens"),
-    ({"max_tokens": 0}, "max_tokens"), ({"stream_options": {"include_usage": True}}, "stream_options"),
-    ({"stream": True, "prompt_logprobs": 1}, "prompt_logprobs"), ({"use_beam_search": True}, "use_beam_search"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"stream": True, "prompt_logprobs": 1}, "prompt_logprobs"),
+    ({"use_beam_search": True}, "use_beam_search"),
     ({"cache_salt": ""}, "cache_salt"), ({"suffix": "x"}, "suffix"), ({"priority": 1}, "priority"),
     ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
     ({"response_format": {"type": "json_schema"}}, "response_format"),
@@ -172,7 +175,8 @@ def chat(**fields) -> ChatCompletionRequest:
 
 
 def test_tool_modes_and_errors():
-    plain, auto = ServerConfig(), ServerConfig(enable_auto_tool_choice=True, tool_call_parser="hermes")
+    plain = ServerConfig()
+    auto = ServerConfig(enable_auto_tool_choice=True, tool_call_parser="hermes")
     assert tool_mode(chat(), plain) == "none"
     assert tool_mode(chat(tools=TOOLS, tool_choice="none"), plain) == "none"
     assert tool_mode(chat(tools=TOOLS), auto) == "auto"
@@ -218,7 +222,8 @@ def test_required_calls_stream_equals_whole(cuts):
         [("a", {"x": 1}), ("b", {"s": '}]"'})]
     assert [(d.index, d.name, d.arguments) for d in deltas] == \
         [(i, c.name, c.arguments) for i, c in enumerate(forced.calls)]
-    assert len({c.id for c in forced.calls}) == 2 and forced.calls[0].id.startswith("chatcmpl-tool-")
+    assert len({c.id for c in forced.calls}) == 2
+    assert forced.calls[0].id.startswith("chatcmpl-tool-")
 
 
 def test_required_truncated_output_has_no_half_call():

@@ -89,10 +89,33 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+# A template may not build a string or list longer than this by repetition, nor raise to a power
+# above MAX_EXPONENT: `'a' * 10**10` would otherwise take the server's memory down with it.
+MAX_REPEAT_LEN = 1 << 20
+MAX_EXPONENT = 1024
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox, plus bounds on the two operators that can exhaust memory or
+    CPU in one expression (the sandbox already bounds `range`)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int) and abs(right) > MAX_EXPONENT:
+            raise jinja2.exceptions.SecurityError(f"exponent {right} is too large")
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(times, int) \
+                        and len(seq) * times > MAX_REPEAT_LEN:
+                    raise jinja2.exceptions.SecurityError("repetition result is too long")
+        return super().call_binop(context, operator, left, right)
+
+
 @lru_cache(maxsize=1)
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True,
+                          extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now,
                        dict=_DictFactory(), namespace=_SafeNamespace)
@@ -101,7 +124,7 @@ def _environment() -> ImmutableSandboxedEnvironment:
 
 @lru_cache(maxsize=32)
 def _compile(template: str) -> jinja2.Template:
-    # Compiling costs milliseconds; a server renders the same one or two templates for every request.
+    # Compiling costs milliseconds; a server renders the same one or two templates per request.
     try:
         return _environment().from_string(template)
     except jinja2.TemplateError as e:
@@ -211,7 +234,10 @@ def _normalize_message(message: Mapping[str, Any], index: int, content_format: s
         else:
             out["content"] = "\n".join(texts)
     if role == "assistant" and message.get("tool_calls"):
-        out["tool_calls"] = [_normalize_tool_call(tc, index) for tc in message["tool_calls"]]
+        calls = message["tool_calls"]
+        if not isinstance(calls, list):
+            raise BadRequest(f"messages[{index}].tool_calls must be a list", param="messages")
+        out["tool_calls"] = [_normalize_tool_call(tc, index) for tc in calls]
     reasoning = next((message[k] for k in _REASONING_ALIASES if message.get(k) is not None), None)
     if reasoning is not None:
         out.update(reasoning_content=reasoning, thinking=out.get("thinking", reasoning))
@@ -230,7 +256,10 @@ def _text_parts(content: Any, index: int) -> list[str]:
         if not isinstance(part, Mapping):
             raise BadRequest(f"messages[{index}].content parts must be objects", param="messages")
         kind = part.get("type") or ("text" if "text" in part else None)
-        if kind in _TEXT_PART_TYPES and isinstance(part.get("text"), str):
+        if kind in _TEXT_PART_TYPES:
+            if not isinstance(part.get("text"), str):
+                raise BadRequest(f"messages[{index}]: a {kind} part needs a string 'text'",
+                                 param="messages")
             texts.append(part["text"])
         elif kind == "refusal" and isinstance(part.get("refusal"), str):
             texts.append(part["refusal"])
@@ -273,7 +302,8 @@ def _cut_at_tag(text: str) -> str:
     at = text.rfind(_CONTINUE_TAG.rstrip())
     if at < 0:
         raise BadRequest("continue_final_message is set but the final message does not appear in "
-                         "the chat after applying the chat template", param="continue_final_message")
+                         "the chat after applying the chat template",
+                         param="continue_final_message")
     if text.startswith(_CONTINUE_TAG, at):
         return text[:at]
     return text[:at].rstrip()

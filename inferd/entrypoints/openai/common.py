@@ -18,28 +18,31 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from inferd.entrypoints.openai.errors import BadRequest
 from inferd.outputs import Logprob, PositionLogprobs
-from inferd.sampling_params import MAX_N, MAX_SEED, MIN_SEED, OutputKind, ParamError, \
-    SamplingParams, StructuredOutputsParams
+from inferd.sampling_params import MAX_N, MAX_SEED, MAX_STOP_STRINGS, MIN_SEED, OutputKind, \
+    ParamError, SamplingParams, StructuredOutputsParams
 
 # JSON has no -inf; OpenAI-compatible servers send this floor instead.
 LOGPROB_FLOOR = -9999.0
-# At most this many prompts in one completions request (each becomes n engine requests).
-MAX_PROMPTS = 1024
+# At most this many choices (prompts x n engine requests) in one completions request.
+MAX_CHOICES = 1024
+MAX_ALLOWED_TOKEN_IDS = 1 << 18
+# Prompts longer than this (characters) are tokenized in a worker thread.
+OFFLOAD_TOKENIZE_CHARS = 16384
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 
 
 # --- request fields -----------------------------------------------------------------------------
-class StrictModel(BaseModel):
+class RequestObject(BaseModel):
     """Nested request objects: unknown keys are ignored, as at the top level."""
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
 
-class StreamOptions(StrictModel):
+class StreamOptions(RequestObject):
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False
 
 
-class StructuredOutputsRequest(StrictModel):
+class StructuredOutputsRequest(RequestObject):
     json_: str | dict | None = Field(default=None, alias="json")
     regex: str | None = None
     choice: list[str] | None = None
@@ -61,7 +64,7 @@ class StructuredOutputsRequest(StrictModel):
             whitespace_pattern=self.whitespace_pattern)
 
 
-class JsonSchemaSpec(StrictModel):
+class JsonSchemaSpec(RequestObject):
     name: str | None = None
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
@@ -84,7 +87,8 @@ class ResponseFormat(BaseModel):
                 raise BadRequest("response_format.json_schema with a 'schema' is required when "
                                  "type is 'json_schema'", param="response_format")
             return StructuredOutputsParams(json=self.json_schema.schema_)
-        return StructuredOutputsParams(structural_tag=json.dumps(self.model_dump(exclude_none=True)))
+        tag = json.dumps(self.model_dump(exclude_none=True))
+        return StructuredOutputsParams(structural_tag=tag)
 
 
 class SamplingFields(BaseModel):
@@ -116,8 +120,8 @@ class SamplingFields(BaseModel):
     spaces_between_special_tokens: bool = True
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
     prompt_logprobs: int | None = None
-    allowed_token_ids: list[int] | None = None
-    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = Field(default=None, max_length=MAX_ALLOWED_TOKEN_IDS)
+    bad_words: list[str] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
     structured_outputs: StructuredOutputsRequest | None = None
     response_format: ResponseFormat | None = None
     priority: int = 0
@@ -169,6 +173,8 @@ class ModelLimits:
 
     @classmethod
     def of(cls, engine: Any, max_logprobs: int) -> ModelLimits:
+        # `info` and `config` are AsyncLLM details beyond its documented interface: read them
+        # defensively, falling back to the tokenizer's size and "no prefix caching".
         vocab = getattr(getattr(engine, "info", None), "vocab_size", None)
         tok_len = len(engine.tokenizer)
         # An id must both index the embedding and decode: take the smaller of the two.
@@ -176,7 +182,7 @@ class ModelLimits:
         config = getattr(engine, "config", None)
         caching = bool(getattr(getattr(config, "cache", None), "enable_prefix_caching", False))
         return cls(max_model_len=engine.max_model_len, vocab_size=vocab, max_logprobs=max_logprobs,
-                   defaults=dict(getattr(engine, "generation_defaults", {}) or {}),
+                   defaults=dict(engine.generation_defaults or {}),
                    prefix_caching=caching)
 
 
@@ -203,6 +209,14 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, limits: ModelLimi
             raise context_error(limits, prompt_len, 1)
     cap = limits.defaults.get("max_tokens")
     return min(budget, cap) if isinstance(cap, int) and cap > 0 else budget
+
+
+async def encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    """Token ids of a prompt; a long text is tokenized off the event loop (other requests keep
+    streaming meanwhile)."""
+    if len(text) < OFFLOAD_TOKENIZE_CHARS:
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
 
 def check_prompt_ids(ids: list[int], limits: ModelLimits) -> None:
@@ -383,18 +397,20 @@ def completion_logprobs(token_ids: list[int], positions: list[PositionLogprobs |
     return out, offset
 
 
+def _chat_entry(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": _clamp(logprob), "bytes": list(token.encode("utf-8"))}
+
+
 def chat_logprobs(token_ids: list[int], positions: list[PositionLogprobs], top_n: int,
                   text: TokenText) -> list[dict]:
     """`choices[i].logprobs.content` entries; `top_n` best alternatives by rank per token."""
     content = []
     for tid, pos in zip(token_ids, positions):
         entry = pos.get(tid)
-        token = text(tid, entry)
         ranked = sorted(pos.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 0)
-        top = [{"token": (t := text(k, v)), "logprob": _clamp(v.logprob),
-                "bytes": list(t.encode("utf-8"))} for k, v in ranked[:top_n]] if top_n > 0 else []
-        content.append({"token": token, "logprob": _clamp(entry.logprob) if entry else LOGPROB_FLOOR,
-                        "bytes": list(token.encode("utf-8")), "top_logprobs": top})
+        top = [_chat_entry(text(k, v), v.logprob) for k, v in ranked[:max(top_n, 0)]]
+        content.append({**_chat_entry(text(tid, entry), entry.logprob if entry else LOGPROB_FLOOR),
+                        "top_logprobs": top})
     return content
 
 

@@ -20,6 +20,7 @@ from inferd.entrypoints.openai.chat.schemas import ChatCompletionRequest
 from inferd.entrypoints.openai.completions.router import handle_completion
 from inferd.entrypoints.openai.completions.schemas import CompletionRequest
 from inferd.entrypoints.openai.errors import BadRequest
+from inferd.entrypoints.openai.state import get_state
 
 Handler = Callable[[BaseModel, Request], Awaitable[Response]]
 
@@ -52,7 +53,7 @@ async def invocations(raw_request: Request) -> Response:
         body = json.loads(await raw_request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(f"JSON decode error: {e}") from None
-    tasks = set(getattr(raw_request.app.state.inferd.engine, "supported_tasks", ("generate",)))
+    tasks = set(get_state(raw_request).engine.supported_tasks)
     candidates = [inv for inv in _INVOCATIONS if inv.task in tasks]
     for inv in candidates:
         try:

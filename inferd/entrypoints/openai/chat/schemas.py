@@ -10,28 +10,28 @@ from typing import Any, Literal
 from pydantic import Field
 
 from inferd.entrypoints.openai.common import REASONING_EFFORTS, ModelLimits, SamplingFields, \
-    StrictModel, build_sampling_params, check_logprobs_count, resolve_max_tokens
+    RequestObject, build_sampling_params, check_logprobs_count, resolve_max_tokens
 from inferd.entrypoints.openai.errors import BadRequest
 from inferd.sampling_params import SamplingParams, StructuredOutputsParams
 
 
-class FunctionDefinition(StrictModel):
+class FunctionDefinition(RequestObject):
     name: str = Field(min_length=1, max_length=256)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class ToolDefinition(StrictModel):
+class ToolDefinition(RequestObject):
     type: Literal["function"] = "function"
     function: FunctionDefinition
 
 
-class NamedFunction(StrictModel):
+class NamedFunction(RequestObject):
     name: str
 
 
-class NamedToolChoice(StrictModel):
+class NamedToolChoice(RequestObject):
     type: Literal["function"] = "function"
     function: NamedFunction
 

@@ -7,6 +7,7 @@ choice's finish_reason, then the usage chunk (`choices: []`) when asked for.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,17 +46,19 @@ async def stream_chunks(ctx: ChatContext, outputs: AsyncIterator[RequestOutput]
             yield _chunk(ctx, {"index": i, "delta": {"content": ctx.echo_text}, "logprobs": None,
                                "finish_reason": None})
     cached = 0
-    async for res in outputs:
-        cached = max(cached, res.num_cached_tokens)
-        for out in res.outputs:
-            st = states[out.index]
-            choice = _delta_choice(ctx, st, out)
-            if choice is None:
-                continue
-            chunk = _chunk(ctx, choice)
-            if continuous:
-                chunk["usage"] = usage_json(len(ctx.prompt_ids), st.tokens, None)
-            yield chunk
+    # Closing this stream early (client gone) closes the engine iterator now, not at GC.
+    async with aclosing(outputs):  # type: ignore[type-var]
+        async for res in outputs:
+            cached = max(cached, res.num_cached_tokens)
+            for out in res.outputs:
+                st = states[out.index]
+                choice = _delta_choice(ctx, st, out)
+                if choice is None:
+                    continue
+                chunk = _chunk(ctx, choice)
+                if continuous:
+                    chunk["usage"] = usage_json(len(ctx.prompt_ids), st.tokens, None)
+                yield chunk
     if include_usage:
         chunk = _chunk(ctx, None)
         chunk["usage"] = ctx.usage(sum(s.tokens for s in states), cached)

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from inferd.entrypoints.openai.common import MAX_PROMPTS, ModelLimits, SamplingFields, \
+from inferd.entrypoints.openai.common import MAX_CHOICES, ModelLimits, SamplingFields, \
     build_sampling_params, check_logprobs_count, resolve_max_tokens
 from inferd.entrypoints.openai.errors import BadRequest
 from inferd.sampling_params import SamplingParams, StructuredOutputsParams
@@ -45,9 +45,9 @@ class CompletionRequest(SamplingFields):
         prompts = self.prompt_list()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise BadRequest(EMPTY_PROMPT_MESSAGE, param="prompt")
-        if len(prompts) > MAX_PROMPTS:
-            raise BadRequest(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}",
-                             param="prompt")
+        if len(prompts) * self.n > MAX_CHOICES:
+            raise BadRequest(f"at most {MAX_CHOICES} choices (prompts x n) per request, got "
+                             f"{len(prompts)} x {self.n}", param="prompt")
         check_logprobs_count(self.logprobs, limits, "logprobs")
         check_logprobs_count(self.prompt_logprobs, limits, "prompt_logprobs")
         if self.max_tokens == 0 and not self.echo:

@@ -7,11 +7,13 @@ Choices are indexed `prompt_index * n + i`, as in vLLM.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
 from inferd.entrypoints.openai.common import ModelLimits, TokenText, check_prompt_ids, \
-    check_structured, completion_logprobs, now, prompt_logprobs_json, truncate_prompt, usage_json
+    check_structured, completion_logprobs, encode, now, prompt_logprobs_json, truncate_prompt, \
+    usage_json
 from inferd.entrypoints.openai.completions.schemas import CompletionRequest
 from inferd.entrypoints.openai.state import ServerState
 from inferd.entrypoints.openai.streaming import merge_async_iterators, prime
@@ -63,7 +65,7 @@ async def prepare(req: CompletionRequest, state: ServerState, request_id: str) -
     prompts = []
     for prompt in req.prompt_list():
         if isinstance(prompt, str):
-            ids = engine.tokenizer.encode(prompt, add_special_tokens=req.add_special_tokens)
+            ids = await encode(engine.tokenizer, prompt, req.add_special_tokens)
             text: str | None = prompt
         else:
             ids, text = list(prompt), None
@@ -99,14 +101,32 @@ async def create_completion(req: CompletionRequest, state: ServerState,
 
 
 # --- JSON ---------------------------------------------------------------------------------------
+def _visible(ctx: CompletionContext, pi: int, out: CompletionOutput, echo: bool
+             ) -> tuple[str, list[int], list]:
+    """A choice's text and the tokens (with logprob positions) behind it; when echoing, the
+    prompt comes first, its first token without a logprob."""
+    req, prompt = ctx.request, ctx.prompts[pi]
+    if req.echo_only:
+        text, ids, positions = "", [], []
+    else:
+        text, ids, positions = out.text, list(out.token_ids), list(out.logprobs or [])
+    if echo:
+        prompt_lps = ctx.prompt_lps.get(pi) or [None] * len(prompt.token_ids)
+        text = prompt.echo_text(ctx.tokenizer) + text
+        ids, positions = prompt.token_ids + ids, list(prompt_lps) + positions
+    return text, ids, positions
+
+
 def build_response(ctx: CompletionContext, finals: dict[int, RequestOutput]) -> dict:
     req = ctx.request
     choices, completion_tokens = [], 0
     for pi, prompt in enumerate(ctx.prompts):
         res = finals[pi]
         ctx.cached[pi] = res.num_cached_tokens
+        if res.prompt_logprobs is not None:
+            ctx.prompt_lps[pi] = res.prompt_logprobs
         for out in sorted(res.outputs, key=lambda o: o.index):
-            choices.append(_choice(ctx, pi, prompt, res, out))
+            choices.append(_choice(ctx, pi, out))
             completion_tokens += 0 if req.echo_only else len(out.token_ids)
     choices.sort(key=lambda c: c["index"])
     return {"id": ctx.request_id, "object": "text_completion", "created": ctx.created,
@@ -114,25 +134,18 @@ def build_response(ctx: CompletionContext, finals: dict[int, RequestOutput]) -> 
             "system_fingerprint": None}
 
 
-def _choice(ctx: CompletionContext, pi: int, prompt: PreparedPrompt, res: RequestOutput,
-            out: CompletionOutput) -> dict:
-    req = ctx.request
-    text, token_ids = out.text, list(out.token_ids)
-    positions = list(out.logprobs or [])
-    if req.echo_only:
-        text, token_ids, positions = "", [], []
-    if req.echo:
-        text = prompt.echo_text(ctx.tokenizer) + text
+def _choice(ctx: CompletionContext, pi: int, out: CompletionOutput) -> dict:
+    req, prompt = ctx.request, ctx.prompts[pi]
+    text, ids, positions = _visible(ctx, pi, out, req.echo)
     logprobs = None
     if req.logprobs is not None:
-        if req.echo:
-            token_ids = prompt.token_ids + token_ids
-            positions = list(res.prompt_logprobs or [None] * len(prompt.token_ids)) + positions
-        logprobs, _ = completion_logprobs(token_ids, positions, ctx.token_text, 0)
+        logprobs, _ = completion_logprobs(ids, positions, ctx.token_text, 0)
+    prompt_lps = None
+    if req.prompt_logprobs is not None:
+        prompt_lps = prompt_logprobs_json(ctx.prompt_lps.get(pi), ctx.token_text)
     choice = {"index": ctx.choice_index(pi, out), "text": text, "logprobs": logprobs,
               "finish_reason": out.finish_reason, "stop_reason": out.stop_reason,
-              "prompt_logprobs": prompt_logprobs_json(res.prompt_logprobs, ctx.token_text)
-              if req.prompt_logprobs is not None else None}
+              "prompt_logprobs": prompt_lps}
     if req.return_token_ids:
         choice["prompt_token_ids"] = prompt.token_ids
         choice["token_ids"] = [] if req.echo_only else list(out.token_ids)
@@ -152,21 +165,23 @@ async def stream_chunks(ctx: CompletionContext,
     req = ctx.request
     include_usage, continuous = req.usage_options()
     states: dict[int, _ChoiceStream] = {}
-    async for pi, res in outputs:
-        ctx.cached[pi] = max(ctx.cached.get(pi, 0), res.num_cached_tokens)
-        if res.prompt_logprobs is not None:
-            ctx.prompt_lps[pi] = res.prompt_logprobs
-        for out in res.outputs:
-            index = ctx.choice_index(pi, out)
-            st = states.setdefault(index, _ChoiceStream())
-            choice = _delta_choice(ctx, pi, out, st, index)
-            if choice is None:
-                continue
-            chunk = {"id": ctx.request_id, "object": "text_completion", "created": ctx.created,
-                     "model": ctx.model, "choices": [choice]}
-            if continuous:
-                chunk["usage"] = usage_json(len(ctx.prompts[pi].token_ids), st.tokens, None)
-            yield chunk
+    # Closing this stream early (client gone) closes the engine iterators now, not at GC.
+    async with aclosing(outputs):  # type: ignore[type-var]
+        async for pi, res in outputs:
+            ctx.cached[pi] = max(ctx.cached.get(pi, 0), res.num_cached_tokens)
+            if res.prompt_logprobs is not None:
+                ctx.prompt_lps[pi] = res.prompt_logprobs
+            for out in res.outputs:
+                index = ctx.choice_index(pi, out)
+                st = states.setdefault(index, _ChoiceStream())
+                choice = _delta_choice(ctx, pi, out, st, index)
+                if choice is None:
+                    continue
+                chunk = {"id": ctx.request_id, "object": "text_completion",
+                         "created": ctx.created, "model": ctx.model, "choices": [choice]}
+                if continuous:
+                    chunk["usage"] = usage_json(len(ctx.prompts[pi].token_ids), st.tokens, None)
+                yield chunk
     if include_usage:
         yield {"id": ctx.request_id, "object": "text_completion", "created": ctx.created,
                "model": ctx.model, "choices": [],
@@ -175,28 +190,20 @@ async def stream_chunks(ctx: CompletionContext,
 
 def _delta_choice(ctx: CompletionContext, pi: int, out: CompletionOutput, st: _ChoiceStream,
                   index: int) -> dict | None:
-    req, prompt = ctx.request, ctx.prompts[pi]
-    text, token_ids = out.text, list(out.token_ids)
-    positions = list(out.logprobs or [])
-    if req.echo_only:
-        text, token_ids, positions = "", [], []
-    first = not st.started
-    st.started = True
-    st.tokens += len(token_ids)
-    if first and req.echo:
-        text = prompt.echo_text(ctx.tokenizer) + text
-        if req.logprobs is not None:
-            token_ids = prompt.token_ids + token_ids
-            positions = list(ctx.prompt_lps.get(pi) or [None] * len(prompt.token_ids)) + positions
-    if not text and not token_ids and out.finish_reason is None:
+    req = ctx.request
+    first, st.started = not st.started, True
+    if not req.echo_only:
+        st.tokens += len(out.token_ids)
+    text, ids, positions = _visible(ctx, pi, out, echo=req.echo and first)
+    if not text and not ids and out.finish_reason is None:
         return None  # nothing new (the detokenizer is holding text back)
     logprobs = None
     if req.logprobs is not None:
-        logprobs, st.offset = completion_logprobs(token_ids, positions, ctx.token_text, st.offset)
+        logprobs, st.offset = completion_logprobs(ids, positions, ctx.token_text, st.offset)
     choice = {"index": index, "text": text, "logprobs": logprobs,
               "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
     if req.return_token_ids:
         if first:
-            choice["prompt_token_ids"] = prompt.token_ids
+            choice["prompt_token_ids"] = ctx.prompts[pi].token_ids
         choice["token_ids"] = [] if req.echo_only else list(out.token_ids)
     return choice

@@ -136,13 +136,18 @@ def usage(prompt_tokens: int) -> dict[str, Any]:
             "completion_tokens": 0, "prompt_tokens_details": None}
 
 
-def encode_vector(values: list[float] | list[list[float]], req: EncodedOutput) -> Any:
-    """A vector as JSON floats, or base64 of its bytes (`embed_dtype`, `endianness`)."""
-    if req.encoding_format == "float":
-        return values
-    if req.encoding_format != "base64":
+def check_encoding(req: EncodedOutput) -> None:
+    """Before any engine work: vLLM's octet-stream `bytes` formats are not served."""
+    if req.encoding_format not in ("float", "base64"):
         raise BadRequest(f"encoding_format {req.encoding_format!r} is not supported; use float "
                          "or base64", param="encoding_format")
+
+
+def encode_vector(values: list[float] | list[list[float]], req: EncodedOutput) -> Any:
+    """A vector as JSON floats, or base64 of its bytes (`embed_dtype`, `endianness`)."""
+    check_encoding(req)
+    if req.encoding_format == "float":
+        return values
     order = sys.byteorder if req.endianness == "native" else req.endianness
     t = torch.tensor(values, dtype=torch.float32).flatten()
     if req.embed_dtype == "bfloat16":  # numpy has no bfloat16: reinterpret the bits as int16

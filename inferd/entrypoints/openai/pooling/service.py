@@ -248,7 +248,7 @@ async def create_embeddings(req: S.EmbeddingRequest, state: ServerState, request
     model = _check_common(state, req)
     require_task(state, "Embeddings")
     check_dimensions(state, req.dimensions)
-    S.encode_vector([], req)  # an unsupported encoding_format fails before any engine work
+    S.check_encoding(req)
     prompts = await tokenize_inputs(state, req, "embedding generation")
     normalize = req.normalize if req.normalize is not None else req.use_activation
     params = [PoolingParams(task="embed", dimensions=req.dimensions, normalize=normalize)
@@ -267,7 +267,7 @@ async def create_pooling(req: S.PoolingRequest, state: ServerState, request_id: 
         raise BadRequest(f"task {req.task!r} is not supported by this model (its tasks: "
                          f"{', '.join(tasks)})", param="task")
     check_dimensions(state, req.dimensions)
-    S.encode_vector([], req)
+    S.check_encoding(req)
     prompts = await tokenize_inputs(state, req, "pooling")
     normalize = req.normalize if req.normalize is not None else (
         req.use_activation if task in ("embed", "encode") else None)
