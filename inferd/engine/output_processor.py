@@ -35,6 +35,8 @@ class ChildState:
     last_token_time: float | None = None
     first_scheduled_time: float | None = None
     itl: list[float] = field(default_factory=list)
+    # Text released by the detokenizer's flush at finish, not yet handed out as a delta.
+    flushed: str = ""
 
     @property
     def finished(self) -> bool:
@@ -183,7 +185,8 @@ class OutputProcessor:
             child.stop_reason = o.stop_reason
         if child.finished:
             if child.detok is not None and not isinstance(child.stop_reason, str):
-                child.detok.flush()  # no stop string can match any more: release held-back text
+                # No stop string can match any more: release held-back text into the last delta.
+                child.flushed += child.detok.flush()
             self._record_finished(parent, child)
         return stopped
 
@@ -223,7 +226,8 @@ class OutputProcessor:
 
     def _completion(self, c: ChildState, delta: bool) -> CompletionOutput | None:
         if delta:
-            text = c.detok.get_delta_text() if c.detok is not None else ""
+            text = c.flushed + (c.detok.get_delta_text() if c.detok is not None else "")
+            c.flushed = ""
             toks = c.token_ids[c.sent_tokens:]
             lps = c.logprobs[c.sent_logprobs:] if c.logprobs is not None else None
             if not text and not toks and not c.finished:
