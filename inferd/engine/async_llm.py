@@ -79,12 +79,7 @@ class AsyncLLM:
 
     @property
     def supported_tasks(self) -> tuple[str, ...]:
-        if not self.info.is_pooling:
-            return ("generate",)
-        if self.info.architecture.endswith("ForSequenceClassification"):
-            labels = getattr(self.hf_config, "num_labels", 2)
-            return ("classify", "score") if labels == 1 else ("classify",)
-        return ("embed", "score")
+        return self.info.supported_tasks
 
     # --- process management --------------------------------------------------------------------
     def _spawn_engine(self) -> subprocess.Popen:

@@ -46,7 +46,14 @@ class EngineCore:
     def _init_runner(self) -> ModelRunner:
         from inferd.models.loader import load_model
         t0 = time.perf_counter()
-        model = load_model(self.info.path, self.info.hf_config, self.dtype, self.device)
+        build = None
+        if self.info.is_pooling:
+            from inferd.models.adapters import build_pooling_model, pooling_model_class
+            mc = self.config.model
+            cls = pooling_model_class(self.info.hf_config, mc.convert, mc.runner)
+            build = lambda: build_pooling_model(cls, self.info.hf_config, self.dtype,  # noqa: E731
+                                                self.info.path, mc.pooler_config)
+        model = load_model(self.info.path, self.info.hf_config, self.dtype, self.device, build=build)
         n_params = sum(p.numel() for p in model.parameters())
         logger.info("Loaded %s (%s, %.1fM parameters, %s on %s) in %.2f s", self.info.path.name,
                     self.info.architecture, n_params / 1e6, str(self.dtype).removeprefix("torch."),

@@ -15,7 +15,6 @@ from inferd.config import ConfigError, ModelConfig
 
 logger = logging.getLogger(__name__)
 
-POOLING_ARCH_SUFFIXES = ("Model", "ForSequenceClassification")
 GEN_DEFAULT_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
                     "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
 
@@ -31,10 +30,16 @@ class ModelInfo:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None
     is_gguf: bool = False
+    # ("embed", "score"), ("classify", ...) for pooling models; empty for generative ones.
+    pooling_tasks: tuple[str, ...] = ()
 
     @property
     def is_pooling(self) -> bool:
-        return self.architecture.endswith(POOLING_ARCH_SUFFIXES)
+        return bool(self.pooling_tasks)
+
+    @property
+    def supported_tasks(self) -> tuple[str, ...]:
+        return self.pooling_tasks or ("generate",)
 
     def load_tokenizer(self):
         if self.is_gguf:
@@ -83,9 +88,14 @@ def read_model_info(cfg: ModelConfig) -> ModelInfo:
     if cfg.generation_config != "vllm":
         defaults = {ours: gen[theirs] for theirs, ours in GEN_DEFAULT_KEYS.items()
                     if gen.get(theirs) is not None}
+    from inferd.models.adapters import pooling_max_model_len, pooling_tasks
+    tasks = () if is_gguf else pooling_tasks(hf_config, cfg.convert, cfg.runner)
+    max_pos = int(getattr(text_cfg, "max_position_embeddings", 0) or 2048)
+    if tasks:
+        max_pos = pooling_max_model_len(hf_config, path) or max_pos
     return ModelInfo(
-        path=path, hf_config=hf_config, architecture=archs[0],
-        max_position_embeddings=int(getattr(text_cfg, "max_position_embeddings", 0) or 2048),
+        path=path, hf_config=hf_config, architecture=archs[0], pooling_tasks=tasks,
+        max_position_embeddings=max_pos,
         vocab_size=int(text_cfg.vocab_size),
         eos_token_ids=list(dict.fromkeys(eos)),
         generation_defaults=defaults, chat_template=chat_template, is_gguf=is_gguf)

@@ -79,7 +79,10 @@ class ModelRunner:
         if sched.is_empty:
             return out
         input_ids, positions, meta = self._prepare_inputs(sched.scheduled)
-        hidden = self.model(input_ids, positions, meta)
+        extra = {}
+        if getattr(self.model, "uses_token_type_ids", False):
+            extra["token_type_ids"] = self._token_type_ids(sched.scheduled)
+        hidden = self.model(input_ids, positions, meta, **extra)
         pooling = [s for s in sched.scheduled if s.request.is_pooling]
         if pooling:
             self._pool(hidden, meta, sched.scheduled, out)
@@ -105,6 +108,18 @@ class ModelRunner:
                                       causal=not self.is_encoder)
         input_ids = torch.tensor(tokens, dtype=torch.int64, device=self.device)
         return input_ids, positions, meta
+
+    def _token_type_ids(self, scheduled: list[ScheduledRequest]) -> torch.Tensor | None:
+        """BERT segment ids, flat [T]; zeros for requests without them (single texts)."""
+        if not any(s.request.pooling_params and s.request.pooling_params.token_type_ids
+                   for s in scheduled):
+            return None
+        ids: list[int] = []
+        for s in scheduled:
+            tt = s.request.pooling_params.token_type_ids if s.request.pooling_params else None
+            start = s.num_computed_tokens
+            ids.extend(tt[start:start + s.num_new_tokens] if tt else [0] * s.num_new_tokens)
+        return torch.tensor(ids, dtype=torch.int64, device=self.device)
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request], out: ModelRunnerOutput) -> None:
         from inferd.sample.metadata import SamplingMetadata

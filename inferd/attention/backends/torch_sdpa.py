@@ -70,6 +70,9 @@ class TorchSDPABackend:
         out = torch.empty_like(q)
         if kv_cache is None:
             # Encoders and cache-less runs: each sequence attends within its own new tokens.
+            if not meta.causal and sliding_window is None and logits_soft_cap is None \
+                    and meta.num_seqs > 1:
+                return self._padded_bidirectional(q, k, v, meta, scale)
             for i in range(meta.num_seqs):
                 self._prefill(i, q, k, v, None, meta, out, scale, sliding_window, logits_soft_cap)
             return out
@@ -80,6 +83,27 @@ class TorchSDPABackend:
         for i in range(meta.num_decodes, meta.num_seqs):
             self._prefill(i, q, k, v, kv_cache, meta, out, scale, sliding_window, logits_soft_cap)
         return out
+
+    def _padded_bidirectional(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Whole encoder batch as one padded SDPA call: one op per layer instead of one per
+        sequence (embedding batches hold many short sequences)."""
+        b, max_len, dev = meta.num_seqs, meta.max_seq_len, q.device
+        qsl = torch.tensor(meta.query_start_loc, device=dev)
+        lens = qsl[1:] - qsl[:-1]
+        seq = torch.repeat_interleave(torch.arange(b, device=dev), lens, output_size=q.shape[0])
+        flat = seq * max_len + torch.arange(q.shape[0], device=dev) - qsl[:-1][seq]
+
+        def pad(x: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [B, H, L, D]
+            out = x.new_zeros(b * max_len, *x.shape[1:])
+            out.index_copy_(0, flat, x)
+            return out.view(b, max_len, *x.shape[1:]).transpose(1, 2)
+
+        # Padded query rows still see their sequence's real keys, so no row is all-masked.
+        mask = (torch.arange(max_len, device=dev)[None, :] < lens[:, None])[:, None, None, :]
+        o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, scale=scale,
+                                           enable_gqa=q.shape[1] != k.shape[1])
+        return o.transpose(1, 2).reshape(b * max_len, *q.shape[1:]).index_select(0, flat)
 
     def _decodes(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                  scale: float, sliding_window: int | None,
