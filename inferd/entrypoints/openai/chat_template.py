@@ -279,7 +279,7 @@ def _normalize_tool_call(call: Any, index: int) -> dict:
         # Templates print arguments with `| tojson` or iterate them as a mapping.
         try:
             function["arguments"] = json.loads(args)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # nested past the parser's limit: a string
             pass
     return {**call, "function": function}
 

@@ -146,6 +146,11 @@ class SamplingFields(BaseModel):
         if self.cache_salt is not None and not self.cache_salt:
             raise BadRequest("Parameter 'cache_salt' must be a non-empty string if provided.",
                              param="cache_salt")
+        for key, value in (self.vllm_xargs or {}).items():
+            # They cross to the engine as msgpack, whose integers are 64-bit.
+            if isinstance(value, int) and not -(2**63) <= value < 2**63:
+                raise BadRequest(f"vllm_xargs.{key[:64]} must fit in a 64-bit integer",
+                                 param="vllm_xargs")
 
     def structured_params(self) -> StructuredOutputsParams | None:
         if self.structured_outputs is not None:
@@ -337,6 +342,10 @@ async def check_structured(so: StructuredOutputsParams | None, tokenizer: Any) -
         await asyncio.to_thread(validate_structured_outputs, so, tokenizer)
     except (ValueError, TypeError) as e:
         raise BadRequest(str(e), param="structured_outputs") from None
+    if isinstance(so.json, dict):
+        # The schema crosses to the engine as text: a parsed one may hold numbers msgpack cannot
+        # carry (an int past 64 bits in a `description` passes validation), and text is cheaper.
+        so.json = json.dumps(so.json, ensure_ascii=False, separators=(",", ":"))
 
 
 # --- ids, usage ---------------------------------------------------------------------------------

@@ -53,6 +53,8 @@ async def invocations(raw_request: Request) -> Response:
         body = json.loads(await raw_request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(f"JSON decode error: {e}") from None
+    except RecursionError:
+        raise BadRequest("JSON decode error: the body is nested too deeply") from None
     tasks = set(get_state(raw_request).engine.supported_tasks)
     candidates = [inv for inv in _INVOCATIONS if inv.task in tasks]
     for inv in candidates:

@@ -227,12 +227,60 @@ class LoadTrackingMiddleware:
 # -- dependencies (added per router in app.build_app) ---------------------------------------------
 
 async def validate_json_request(request: Request) -> None:
-    """JSON POST routes accept only `application/json` (parameters such as charset allowed)."""
+    """JSON POST routes accept only `application/json` (parameters such as charset allowed),
+    holding only valid Unicode text (see `reject_lone_surrogates`)."""
     if request.method not in ("POST", "PUT", "PATCH"):
         return
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/json":
         raise BadRequest("Unsupported Media Type: Only 'application/json' is allowed")
+    reject_lone_surrogates(await request.body())  # the body FastAPI read (and cached) already
+
+
+# A `\uD800`..`\uDFFF` escape: the only way a JSON text can carry a UTF-16 surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def reject_lone_surrogates(body: bytes) -> None:
+    """400 for a JSON body whose strings hold an unpaired surrogate escape such as "\ud800".
+
+    JSON allows the escape, Python decodes it to a str that cannot be encoded as UTF-8, and
+    everything downstream fails on it: the tokenizer, the engine's msgspec boundary, the JSON
+    response. One check here covers every field of every JSON route. The regex over the raw
+    bytes is the fast path: without such an escape no surrogate can be in the parsed body.
+    """
+    if not _SURROGATE_ESCAPE.search(body):
+        return
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return  # not JSON: the route's own parsing reports that
+    where = _find_lone_surrogate(value)
+    if where is not None:
+        where = where[:200]  # a path through client-chosen keys: keep the message short
+        raise BadRequest(f"{where or 'body'}: the string holds an unpaired UTF-16 surrogate, "
+                         "which is not valid Unicode text", param=where or None)
+
+
+def _find_lone_surrogate(value: object) -> str | None:
+    """The dotted path of the first string (value or key) holding a lone surrogate, else None.
+    Iterative: a deeply nested body must not trip the recursion limit."""
+    stack: list[tuple[object, str]] = [(value, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str):
+            if _LONE_SURROGATE.search(node):
+                return path
+        elif isinstance(node, dict):
+            for key, child in node.items():
+                child_path = f"{path}.{key}" if path else str(key)
+                if _LONE_SURROGATE.search(key):
+                    return path or "body"
+                stack.append((child, child_path))
+        elif isinstance(node, list):
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(node))
+    return None
 
 
 async def check_queue_capacity(request: Request) -> None:

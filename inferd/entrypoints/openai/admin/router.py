@@ -74,7 +74,7 @@ async def scale_elastic_ep(raw_request: Request) -> JSONResponse:
     """vLLM's validation, then 501: rescaling needs data-parallel engines, which we don't run."""
     try:
         body = json.loads(await raw_request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise BadRequest("Invalid JSON format") from None
     if not isinstance(body, dict):
         raise BadRequest("Invalid JSON format: the body must be an object")
