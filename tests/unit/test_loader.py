@@ -100,7 +100,7 @@ def test_gguf_file_dispatches_to_gguf_reader(monkeypatch, tmp_path):
         def __init__(self, path):
             self.hf_config = config
 
-        def iter_weights(self):
+        def iter_weights(self, dtype=None):
             return iter_safetensors_weights(ckpt)
 
     monkeypatch.setitem(sys.modules, "inferd.models.gguf",
