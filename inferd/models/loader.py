@@ -183,11 +183,13 @@ def load_checkpoint(model: nn.Module, model_path: Path, dtype: torch.dtype | Non
 
 
 def load_model(model_path: Path, hf_config: Any, dtype: torch.dtype, device: str | torch.device,
-               *, build: Callable[[], nn.Module] | None = None) -> nn.Module:
+               *, build: Callable[[], nn.Module] | None = None,
+               quantization: str | None = None) -> nn.Module:
     """Build the model for `hf_config` on `device`, load its weights, return it in eval mode.
 
     `build` replaces the registry class's constructor (e.g. a pooling adapter around a causal
-    LM); it runs under `torch.device(device)` like the default.
+    LM); it runs under `torch.device(device)` like the default. `quantization` ("int8" |
+    "int4") swaps the linear layers for quantized ones once the float weights are loaded.
     """
     device = torch.device(device)
     with torch.device(device):  # parameters are allocated where they will live, uninitialised
@@ -196,4 +198,9 @@ def load_model(model_path: Path, hf_config: Any, dtype: torch.dtype, device: str
         else:
             model = get_model_class(architectures_of(hf_config))(hf_config, dtype=dtype)
     load_checkpoint(model, Path(model_path), dtype)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if quantization is not None:
+        from inferd.models.layers.quant import quantize_model
+
+        quantize_model(model, quantization)
+    return model

@@ -146,6 +146,10 @@ class SamplingFields(BaseModel):
         if self.cache_salt is not None and not self.cache_salt:
             raise BadRequest("Parameter 'cache_salt' must be a non-empty string if provided.",
                              param="cache_salt")
+        if self.seed is not None and self.seed + self.n - 1 > MAX_SEED:
+            # The engine seeds choice i with seed + i; past int64 it cannot carry the value.
+            raise BadRequest(f"seed + n - 1 must be at most {MAX_SEED} (choice i is seeded with "
+                             "seed + i)", param="seed")
         for key, value in (self.vllm_xargs or {}).items():
             # They cross to the engine as msgpack, whose integers are 64-bit.
             if isinstance(value, int) and not -(2**63) <= value < 2**63:

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from fastapi.responses import StreamingResponse
 
-from inferd.entrypoints.openai.errors import APIError
+from inferd.entrypoints.openai.errors import APIError, to_api_error
 
 logger = logging.getLogger("inferd.api")
 T = TypeVar("T")
@@ -34,9 +34,13 @@ def sse_event(payload: dict[str, Any]) -> str:
 
 
 def error_payload(exc: BaseException, request_id: str) -> dict[str, Any]:
-    """The error envelope for an exception raised mid-stream; unknown ones stay generic."""
-    if isinstance(exc, APIError):
-        return exc.body()
+    """The error envelope for an exception raised mid-stream, as `to_api_error` maps it before
+    a response starts (an engine that died mid-stream is a 503); unknown ones stay generic."""
+    err = to_api_error(exc)
+    if err is not None:
+        if not isinstance(exc, APIError):
+            logger.warning("request %s failed while streaming: %s", request_id, exc)
+        return err.body()
     logger.error("request %s failed while streaming", request_id, exc_info=exc)
     return {"error": {"message": "The server failed while generating the response.",
                       "type": "InternalServerError", "param": None, "code": 500}}

@@ -1,0 +1,203 @@
+"""Quantized linear layers for CPU decode (`--quantization int8|int4`), swapped in after loading.
+
+Batch-1 decode is memory-bound: each token reads every weight once, so weight bytes set the
+speed (SmolLM2-135M: 538 MB/token in fp32, 135 MB in int8). What torch 2.13 CPU offers, measured
+on an AVX2-only Zen 1 (`benchmarks/quant_linear.py`):
+
+- `aten._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu` have vectorized kernels for
+  AVX512 only; on AVX2 they run a scalar loop, 10-50x slower than fp32 `F.linear`.
+- fbgemm's int8 GEMM (AVX2: u8 activations x s8 weights via vpmaddubsw) is 2.7-3.4x faster than
+  fp32 at M=1 and still ahead at M=64. `quantized::linear_dynamic` wraps it with ~50 us of fixed
+  cost per call (64x64 takes 54 us), which over 121 matmuls a token eats most of the gain;
+  `aten.fbgemm_linear_int8_weight_fp32_activation` reaches the same kernel for ~10 us.
+- fp32 activations are quantized per call to uint8 over the input's [min, max] (one range for
+  the whole input); bf16 has no fast path on this CPU.
+
+So `int8` is fbgemm int8 weights x dynamically quantized int8 activations (not weight-only). Two
+numeric details follow from the kernel:
+- vpmaddubsw sums two u8*s8 products into a saturating int16; with 8-bit activations (0..255)
+  the weights must stay within +-63 (2*255*64 < 2**15) or large products clip silently. Weights
+  are therefore symmetric 7-bit per output channel (int8 storage).
+- rows of a multi-row input are scaled to max|x| = 1 first, so one token's outliers (e.g. the
+  massive activations of the first position) do not coarsen every other row's quantization.
+
+`int4` is groupwise asymmetric 4-bit (groups of 32 along K, like GGUF Q4_1) through
+`_weight_int4pack_mm_for_cpu`: fast on AVX512 CPUs, scalar (very slow) on AVX2 - we warn.
+On CUDA neither is wired yet: `quantize_model` leaves the model in its float dtype and says so.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from inferd.models.layers.linear import Linear, MergedLinear
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATION_MODES = ("int8", "int4")
+INT8_QMAX = 63
+"""Weight range +-63: fbgemm's AVX2 kernel adds two u8*s8 products in int16 (see module doc)."""
+INT4_GROUP_SIZE = 32
+"""Along K; 32 is GGUF Q4_1's block, so a dequantized Q4_1 weight splits into the same groups."""
+DEFAULT_MIN_NUMEL = 1 << 16
+"""Layers smaller than this stay float: the kernel's fixed cost outweighs the bytes saved."""
+
+
+def quantize_int8_per_channel(weight: torch.Tensor,
+                              qmax: int = INT8_QMAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] float -> (q int8 [N, K] in [-qmax, qmax], scale fp32 [N]); w ~ q * scale."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / qmax).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.round(w / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4_groupwise(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight [N, K] float -> (q uint8 [N, K] in 0..15, scale [N, K/g], zero [N, K/g]) with
+    w ~ (q - 8) * scale + zero, torch's int4 kernels' convention (zero = group min + 8 * scale)."""
+    n, k = weight.shape
+    w = weight.detach().float().view(n, k // group_size, group_size)
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.round((w - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8)
+    return q.view(n, k), scale, lo + 8 * scale
+
+
+class QuantLinear(nn.Module):
+    """A `Linear` whose weight lives in a packed integer format; forward takes/returns floats.
+
+    Built from a loaded float layer by `QuantLinear.from_float`; a `MergedLinear` keeps its
+    `out_sizes` and `split` so the decoder code runs unchanged.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None,
+                 out_sizes: list[int] | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False) \
+            if bias is not None else None
+        self.out_sizes = out_sizes
+
+    @staticmethod
+    def from_float(layer: Linear, mode: str) -> "QuantLinear":
+        cls = {"int8": Int8Linear, "int4": Int4Linear}.get(mode)
+        if cls is None:
+            raise ValueError(f"quantization mode {mode!r} is not one of {QUANTIZATION_MODES}")
+        return cls(layer.weight, layer.bias, getattr(layer, "out_sizes", None))
+
+    def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.out_sizes is None:
+            raise TypeError("split() of a QuantLinear that was not a MergedLinear")
+        return out.split(self.out_sizes, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] (any float dtype) -> [..., out] in x's dtype."""
+        x2 = x.reshape(-1, self.in_features)
+        y = self._matmul(x2 if x2.dtype == torch.float32 else x2.float())
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in] fp32 contiguous -> x @ W.T [M, out] fp32, a fresh tensor (bias added after)."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(QuantLinear):
+    """y = fbgemm(u8(x) x s8(W_q)) * scale: per-output-channel 7-bit weights, int8 activations."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 out_sizes: list[int] | None = None) -> None:
+        n, k = weight.shape
+        super().__init__(k, n, bias, out_sizes)
+        q, scale = quantize_int8_per_channel(weight)
+        self.register_buffer("scale", scale)
+        # The packed matrix is an opaque fbgemm object inside a byte tensor: a plain attribute,
+        # so .to()/state_dict never copy or serialize the raw pointer.
+        self._packed = torch.ops.aten.fbgemm_pack_quantized_matrix(q)
+        # The op needs row sums of W_q (its zero-point correction) and reads only the shape of
+        # its `weight` argument: a stride-0 view avoids keeping a second copy of W_q.
+        self._col_offsets = q.sum(dim=1, dtype=torch.int32)
+        self._shape_only = torch.zeros(1, 1, dtype=torch.int8).expand(n, k)
+        self._zero_bias = torch.zeros(n)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            y = self._fbgemm(x)
+            return y.mul_(self.scale)
+        # One quantization range serves all rows: give every row max|x| = 1 so each gets ~8 bits.
+        row_max = x.abs().amax(dim=1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
+        y = self._fbgemm(x / row_max)
+        return y.mul_(row_max).mul_(self.scale)
+
+    def _fbgemm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten.fbgemm_linear_int8_weight_fp32_activation(
+            x, self._shape_only, self._packed, self._col_offsets, 1.0, 0, self._zero_bias)
+
+
+class Int4Linear(QuantLinear):
+    """Groupwise asymmetric 4-bit weights through torch's int4 CPU kernel (AVX512 for speed)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 out_sizes: list[int] | None = None,
+                 group_size: int = INT4_GROUP_SIZE) -> None:
+        n, k = weight.shape
+        if k % group_size:
+            raise ValueError(f"int4: in_features {k} is not a multiple of the group size "
+                             f"{group_size}")
+        super().__init__(k, n, bias, out_sizes)
+        self.group_size = group_size
+        q, scale, zero = quantize_int4_groupwise(weight, group_size)
+        self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        # [K/g, N, 2]: the layout the kernel reads (scale, zero) pairs in.
+        self._scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self._packed, self.group_size,
+                                                          self._scales_and_zeros)
+
+
+def cpu_has_int4_kernel() -> bool:
+    """torch's int4 CPU matmul is vectorized for AVX512 only; elsewhere it is a scalar loop."""
+    return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2", "NO AVX")
+
+
+def quantize_model(model: nn.Module, mode: str, *, min_numel: int = DEFAULT_MIN_NUMEL) -> int:
+    """Replace the model's `Linear`/`MergedLinear` layers by quantized ones, in place.
+
+    Embeddings stay float (a lookup reads one row per token); a tied LM head gets its own
+    quantized copy while the embedding keeps the float table. Returns the number of layers
+    swapped. Call after the weights are loaded and the model is on its device.
+    """
+    if mode not in QUANTIZATION_MODES:
+        raise ValueError(f"quantization mode {mode!r} is not one of {QUANTIZATION_MODES}")
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        # Not wired for CUDA yet: bf16 weights already halve fp32's bytes there.
+        logger.warning("--quantization %s is implemented for CPU only; the model on %s keeps "
+                       "its float weights", mode, device)
+        return 0
+    if mode == "int4" and not cpu_has_int4_kernel():
+        logger.warning("--quantization int4: torch has no vectorized int4 kernel for this CPU "
+                       "(%s); decode will be much slower than float. Use int8 here.",
+                       torch.backends.cpu.get_cpu_capability())
+    swapped, kept = 0, 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) not in (Linear, MergedLinear):  # exact: subclasses may change forward
+                continue
+            if child.weight.numel() < min_numel or (
+                    mode == "int4" and child.in_features % INT4_GROUP_SIZE):
+                kept += 1
+                continue
+            with torch.no_grad():
+                setattr(parent, name, QuantLinear.from_float(child, mode))
+            swapped += 1
+    logger.info("Quantized %d linear layers to %s (%d left in float)", swapped, mode, kept)
+    return swapped
