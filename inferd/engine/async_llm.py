@@ -179,8 +179,13 @@ class AsyncLLM:
         reqs = self.processor.add_request(request_id, prompt, prompt_token_ids, params,
                                           self.info.eos_token_ids, q.put_nowait, cache_salt)
         self._queues[request_id] = q
-        for r in reqs:
-            await self._send(EngineCoreRequestType.ADD, r)
+        try:
+            for r in reqs:
+                await self._send(EngineCoreRequestType.ADD, r)
+        except BaseException:  # never leave a registered request that the engine never saw
+            self._queues.pop(request_id, None)
+            await self.abort(request_id)
+            raise
         return q
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,

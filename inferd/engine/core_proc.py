@@ -16,7 +16,8 @@ import msgspec
 import zmq
 
 from inferd.config import EngineConfig
-from inferd.engine.protocol import (EngineCoreOutputs, EngineCoreRequest, EngineCoreRequestType)
+from inferd.engine.protocol import (EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest,
+                                    EngineCoreRequestType, FinishReason)
 
 logger = logging.getLogger("inferd.engine")
 
@@ -62,18 +63,29 @@ class EngineCoreProc:
         finally:
             ready.close(linger=2000)
         self.running = True
+        self.aborted = False  # an abort arrived since the last output
 
     def _handle(self, frames: list[bytes]) -> list:
-        kind = EngineCoreRequestType(frames[0][0])
-        early = []
-        if kind == EngineCoreRequestType.ADD:
-            out = self.core.add_request(self.add_dec.decode(frames[1]))
-            if out is not None:
-                early.append(out)
-        elif kind == EngineCoreRequestType.ABORT:
-            self.core.abort(self.abort_dec.decode(frames[1]))
-        elif kind == EngineCoreRequestType.SHUTDOWN:
-            self.running = False
+        """Apply one message. A bad message fails only its own request, never the loop."""
+        early: list[EngineCoreOutput] = []
+        try:
+            kind = EngineCoreRequestType(frames[0][0])
+            if kind == EngineCoreRequestType.ADD:
+                req = self.add_dec.decode(frames[1])
+                try:
+                    out = self.core.add_request(req)
+                except Exception:
+                    logger.exception("request %s could not be added", req.request_id)
+                    out = EngineCoreOutput(req.request_id, [], finish_reason=FinishReason.ABORT)
+                if out is not None:
+                    early.append(out)
+            elif kind == EngineCoreRequestType.ABORT:
+                self.core.abort(self.abort_dec.decode(frames[1]))
+                self.aborted = True
+            elif kind == EngineCoreRequestType.SHUTDOWN:
+                self.running = False
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, IndexError) as e:
+            logger.error("dropped a malformed engine message: %s", e)
         return early
 
     def run(self) -> None:
@@ -88,10 +100,15 @@ class EngineCoreProc:
                 timeout = 0
                 if not self.running:
                     return
-            if early:
-                self.out.send(self.enc.encode(EngineCoreOutputs(early, time.monotonic())))
             if self.core.has_unfinished():
-                self.out.send(self.enc.encode(self.core.step()))
+                outs = self.core.step()
+                outs.outputs = early + outs.outputs
+                self.out.send(self.enc.encode(outs))
+            elif early or self.aborted:
+                # Nothing to step, but gauges must still drop to idle after aborts.
+                self.out.send(self.enc.encode(EngineCoreOutputs(
+                    early, time.monotonic(), self.core.scheduler.make_stats())))
+            self.aborted = False
 
     def close(self) -> None:
         self.inp.close(linger=0)

@@ -105,7 +105,8 @@ class OutputProcessor:
         cp = params.clone()
         cp.n = 1
         if cp.seed is not None:
-            cp.seed = cp.seed + i  # distinct, reproducible streams per choice
+            # Distinct, reproducible streams per choice, wrapped to stay a valid int64.
+            cp.seed = (cp.seed + i + 2**63) % 2**64 - 2**63
         return cp
 
     def engine_ids(self, request_id: str) -> list[str]:

@@ -214,8 +214,6 @@ def test_cancelled_requests_free_their_blocks(http, server):
     assert metric(http, "inferd:kv_cache_usage_perc") == 0
 
 
-@pytest.mark.xfail(strict=True, reason="engine/core_proc.py: a loop iteration that only handles "
-                   "aborts sends no scheduler stats, so /metrics keeps the last step's gauges")
 def test_gauges_drop_to_zero_after_an_abort_without_another_request(http, server):
     with httpx.Client(base_url=server.base_url, timeout=30) as other:
         with other.stream("POST", CMPL, json={"prompt": "hi", "stream": True, "max_tokens": 400,
