@@ -33,6 +33,10 @@ _VARIABLES: dict[str, Callable[[], Any]] = {
     "INFERD_API_KEY": lambda: _str("INFERD_API_KEY", ""),
     # Keep serving (with /health at 503) after the engine dies, instead of exiting non-zero.
     "INFERD_KEEP_ALIVE_ON_ENGINE_DEATH": lambda: _bool("INFERD_KEEP_ALIVE_ON_ENGINE_DEATH", False),
+    # Engine compute threads on CPU (0: one per core in the process's affinity). Fewer threads
+    # can win on a machine shared with other busy processes: a descheduled thread stalls every
+    # parallel op.
+    "INFERD_CPU_THREADS": lambda: int(_str("INFERD_CPU_THREADS", "0") or 0),
 }
 
 if TYPE_CHECKING:  # the names, for type checkers and readers
@@ -41,6 +45,7 @@ if TYPE_CHECKING:  # the names, for type checkers and readers
     INFERD_LOGGING_LEVEL: str
     INFERD_API_KEY: str
     INFERD_KEEP_ALIVE_ON_ENGINE_DEATH: bool
+    INFERD_CPU_THREADS: int
 
 
 def __getattr__(name: str) -> Any:

@@ -30,7 +30,8 @@ class EngineCore:
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.model.dtype, config.device)
         if self.device.type == "cpu":
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+            from inferd import envs
+            torch.set_num_threads(envs.INFERD_CPU_THREADS or max(1, len(os.sched_getaffinity(0))))
         torch.manual_seed(config.model.seed)
         self.runner = self._init_runner()
         self.num_blocks, self.max_model_len = self._init_kv_cache()
