@@ -95,11 +95,15 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] (any float dtype) -> [..., out] in x's dtype."""
-        x2 = x.reshape(-1, self.in_features)
+        # Decode runs this ~120 times a token with tiny inputs, where every extra torch call
+        # costs as much as a few MB of weights: the common case (2-D fp32) skips them all.
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         y = self._matmul(x2 if x2.dtype == torch.float32 else x2.float())
         if self.bias is not None:
             y.add_(self.bias)
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        if x.dim() != 2:
+            y = y.view(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, in] fp32 contiguous -> x @ W.T [M, out] fp32, a fresh tensor (bias added after)."""
@@ -132,7 +136,8 @@ class Int8Linear(QuantLinear):
             y = self._fbgemm(x)
             return y.mul_(self.scale)
         # One quantization range serves all rows: give every row max|x| = 1 so each gets ~8 bits.
-        row_max = x.abs().amax(dim=1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
+        row_max = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True)
+        row_max.clamp_(min=torch.finfo(torch.float32).tiny)  # an all-zero row stays zero
         y = self._fbgemm(x / row_max)
         return y.mul_(row_max).mul_(self.scale)
 
