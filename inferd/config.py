@@ -95,7 +95,8 @@ class ModelConfig:
     enforce_eager: bool = False
     """Never capture CUDA graphs or compile; run the model eagerly."""
     quantization: str | None = None
-    """Weight-only quantization applied at load: int8 | int4 (CPU decode speed)."""
+    """Quantization applied at load. int8: int8 weights x dynamically quantized int8 activations
+    (fbgemm, x86 CPU); int4: groupwise 4-bit weight-only, fast only on AVX512 CPUs."""
 
 
 @dataclass

@@ -54,7 +54,8 @@ class EngineCore:
             cls = pooling_model_class(self.info.hf_config, mc.convert, mc.runner)
             build = lambda: build_pooling_model(cls, self.info.hf_config, self.dtype,  # noqa: E731
                                                 self.info.path, mc.pooler_config)
-        model = load_model(self.info.path, self.info.hf_config, self.dtype, self.device, build=build)
+        model = load_model(self.info.path, self.info.hf_config, self.dtype, self.device, build=build,
+                           quantization=self.config.model.quantization)
         n_params = sum(p.numel() for p in model.parameters())
         logger.info("Loaded %s (%s, %.1fM parameters, %s on %s) in %.2f s", self.info.path.name,
                     self.info.architecture, n_params / 1e6, str(self.dtype).removeprefix("torch."),

@@ -19,7 +19,8 @@ class LLM:
                  device: str = "auto", num_gpu_blocks_override: int | None = None,
                  revision: str | None = None, download_dir: str | None = None,
                  generation_config: str = "auto", enable_chunked_prefill: bool = True,
-                 runner: str = "auto", convert: str = "auto", pooler_config: dict | None = None):
+                 runner: str = "auto", convert: str = "auto", pooler_config: dict | None = None,
+                 quantization: str | None = None):
         if model is None:
             from inferd.config import default_model_path
             model = default_model_path()
@@ -27,7 +28,7 @@ class LLM:
             model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed,
                               revision=revision, download_dir=download_dir,
                               generation_config=generation_config, runner=runner, convert=convert,
-                              pooler_config=pooler_config),
+                              pooler_config=pooler_config, quantization=quantization),
             cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
                               enable_prefix_caching=enable_prefix_caching,
                               num_gpu_blocks_override=num_gpu_blocks_override),

@@ -32,6 +32,7 @@ import logging
 import torch
 from torch import nn
 
+from inferd.config import ConfigError
 from inferd.models.layers.linear import Linear, MergedLinear
 
 logger = logging.getLogger(__name__)
@@ -43,13 +44,14 @@ INT4_GROUP_SIZE = 32
 """Along K; 32 is GGUF Q4_1's block, so a dequantized Q4_1 weight splits into the same groups."""
 DEFAULT_MIN_NUMEL = 1 << 16
 """Layers smaller than this stay float: the kernel's fixed cost outweighs the bytes saved."""
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def quantize_int8_per_channel(weight: torch.Tensor,
                               qmax: int = INT8_QMAX) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [N, K] float -> (q int8 [N, K] in [-qmax, qmax], scale fp32 [N]); w ~ q * scale."""
     w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / qmax).clamp(min=torch.finfo(torch.float32).tiny)
+    scale = (w.abs().amax(dim=1) / qmax).clamp(min=_TINY)
     q = torch.round(w / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8)
     return q, scale
 
@@ -61,7 +63,7 @@ def quantize_int4_groupwise(weight: torch.Tensor, group_size: int = INT4_GROUP_S
     n, k = weight.shape
     w = weight.detach().float().view(n, k // group_size, group_size)
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-    scale = ((hi - lo) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+    scale = ((hi - lo) / 15).clamp(min=_TINY)
     q = torch.round((w - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8)
     return q.view(n, k), scale, lo + 8 * scale
 
@@ -77,8 +79,11 @@ class QuantLinear(nn.Module):
                  out_sizes: list[int] | None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False) \
-            if bias is not None else None
+        # Plain tensor attributes, not parameters/buffers: the packed weights cannot be moved
+        # or serialized anyway, and nn.Module's lookup of registered tensors costs ~2 us per
+        # access on the decode path. (So `model.parameters()` no longer counts these layers.)
+        self.bias: torch.Tensor | None = (bias.detach().float().clone() if bias is not None
+                                          else None)
         self.out_sizes = out_sizes
 
     @staticmethod
@@ -95,8 +100,6 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] (any float dtype) -> [..., out] in x's dtype."""
-        # Decode runs this ~120 times a token with tiny inputs, where every extra torch call
-        # costs as much as a few MB of weights: the common case (2-D fp32) skips them all.
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         y = self._matmul(x2 if x2.dtype == torch.float32 else x2.float())
         if self.bias is not None:
@@ -121,7 +124,7 @@ class Int8Linear(QuantLinear):
         n, k = weight.shape
         super().__init__(k, n, bias, out_sizes)
         q, scale = quantize_int8_per_channel(weight)
-        self.register_buffer("scale", scale)
+        self.scale = scale
         # The packed matrix is an opaque fbgemm object inside a byte tensor: a plain attribute,
         # so .to()/state_dict never copy or serialize the raw pointer.
         self._packed = torch.ops.aten.fbgemm_pack_quantized_matrix(q)
@@ -131,15 +134,21 @@ class Int8Linear(QuantLinear):
         self._shape_only = torch.zeros(1, 1, dtype=torch.int8).expand(n, k)
         self._zero_bias = torch.zeros(n)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Decode calls this ~120 times a token with tiny inputs, and each extra torch call costs
+        # 3-10 us here (as long as streaming ~100 KB of weights): 2-D fp32 input, the models'
+        # only case on CPU, goes straight to the kernel.
+        if x.dim() != 2 or x.dtype != torch.float32:
+            return super().forward(x)  # reshape/cast, then back through _matmul
+        y = self._matmul(x)
+        return y if self.bias is None else y.add_(self.bias)
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1:
-            y = self._fbgemm(x)
-            return y.mul_(self.scale)
+            return self._fbgemm(x).mul_(self.scale)
         # One quantization range serves all rows: give every row max|x| = 1 so each gets ~8 bits.
-        row_max = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True)
-        row_max.clamp_(min=torch.finfo(torch.float32).tiny)  # an all-zero row stays zero
-        y = self._fbgemm(x / row_max)
-        return y.mul_(row_max).mul_(self.scale)
+        row_max = x.abs().amax(dim=1, keepdim=True).clamp_(min=_TINY)
+        return self._fbgemm(x / row_max).mul_(row_max).mul_(self.scale)
 
     def _fbgemm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten.fbgemm_linear_int8_weight_fp32_activation(
@@ -170,7 +179,17 @@ class Int4Linear(QuantLinear):
 
 def cpu_has_int4_kernel() -> bool:
     """torch's int4 CPU matmul is vectorized for AVX512 only; elsewhere it is a scalar loop."""
-    return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2", "NO AVX")
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def _check_int8_support() -> None:
+    # fbgemm exists in x86 builds of torch only, and these aten entry points are marked
+    # deprecated: fail at load with the reason rather than at the first forward.
+    if ("fbgemm" not in torch.backends.quantized.supported_engines
+            or not hasattr(torch.ops.aten, "fbgemm_linear_int8_weight_fp32_activation")):
+        raise ConfigError(f"--quantization int8 needs fbgemm's int8 GEMM, which this torch "
+                          f"build ({torch.__version__}, {torch.backends.cpu.get_cpu_capability()}) "
+                          "does not provide; run without --quantization")
 
 
 def quantize_model(model: nn.Module, mode: str, *, min_numel: int = DEFAULT_MIN_NUMEL) -> int:
@@ -181,13 +200,15 @@ def quantize_model(model: nn.Module, mode: str, *, min_numel: int = DEFAULT_MIN_
     swapped. Call after the weights are loaded and the model is on its device.
     """
     if mode not in QUANTIZATION_MODES:
-        raise ValueError(f"quantization mode {mode!r} is not one of {QUANTIZATION_MODES}")
+        raise ConfigError(f"--quantization {mode!r} is not one of {', '.join(QUANTIZATION_MODES)}")
     device = next(model.parameters()).device
     if device.type != "cpu":
         # Not wired for CUDA yet: bf16 weights already halve fp32's bytes there.
         logger.warning("--quantization %s is implemented for CPU only; the model on %s keeps "
                        "its float weights", mode, device)
         return 0
+    if mode == "int8":
+        _check_int8_support()
     if mode == "int4" and not cpu_has_int4_kernel():
         logger.warning("--quantization int4: torch has no vectorized int4 kernel for this CPU "
                        "(%s); decode will be much slower than float. Use int8 here.",
