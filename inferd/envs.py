@@ -37,6 +37,9 @@ _VARIABLES: dict[str, Callable[[], Any]] = {
     # can win on a machine shared with other busy processes: a descheduled thread stalls every
     # parallel op.
     "INFERD_CPU_THREADS": lambda: int(_str("INFERD_CPU_THREADS", "0") or 0),
+    # CPU linear layers through oneDNN with weights packed once at load (on) or plain
+    # F.linear through torch's BLAS (off; MKL picks slow paths on AMD CPUs).
+    "INFERD_CPU_ONEDNN_LINEAR": lambda: _bool("INFERD_CPU_ONEDNN_LINEAR", True),
 }
 
 if TYPE_CHECKING:  # the names, for type checkers and readers
@@ -46,6 +49,7 @@ if TYPE_CHECKING:  # the names, for type checkers and readers
     INFERD_API_KEY: str
     INFERD_KEEP_ALIVE_ON_ENGINE_DEATH: bool
     INFERD_CPU_THREADS: int
+    INFERD_CPU_ONEDNN_LINEAR: bool
 
 
 def __getattr__(name: str) -> Any:

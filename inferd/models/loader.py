@@ -21,6 +21,7 @@ from torch import nn
 
 from inferd import envs
 from inferd.config import ConfigError
+from inferd.models.layers.linear import prepack_linears
 from inferd.models.registry import architectures_of, get_model_class
 
 logger = logging.getLogger(__name__)
@@ -203,4 +204,6 @@ def load_model(model_path: Path, hf_config: Any, dtype: torch.dtype, device: str
         from inferd.models.layers.quant import quantize_model
 
         quantize_model(model, quantization)
+    if device.type == "cpu" and envs.INFERD_CPU_ONEDNN_LINEAR:
+        prepack_linears(model)
     return model

@@ -4,6 +4,11 @@ Every parameter is overwritten by the checkpoint, so random initialisation (seco
 1B model on CPU) is wasted work. `MergedLinear` stacks several HF projections (q/k/v,
 gate/up) along the output dim: one larger matmul is much faster than three small ones on CPU,
 and `load_shard` copies each HF tensor into its slice.
+
+On CPU, `prepack_linears` hands every layer's weight to oneDNN once after loading, in oneDNN's
+own blocked layout. Measured on a 2-core AVX2 Zen 1 (fp32): the LM head of SmolLM2 (49152 x 576)
+takes 55 ms at 64 rows instead of 100 ms through MKL, and 7 ms instead of 12 ms at one row
+(MKL does not pick its fast kernels on AMD CPUs); the gate/up projection 3.3 ms instead of 5.4.
 """
 from __future__ import annotations
 
@@ -19,8 +24,11 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
+        self._packed: torch.Tensor | None = None  # oneDNN's copy of the weight (CPU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -58,3 +66,34 @@ class Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)
+
+
+def _onednn_can_pack(dtype: torch.dtype) -> bool:
+    if not torch.backends.mkldnn.is_available() or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    try:  # bf16 packing needs AVX512-BW/VL/DQ or AVX-NE-CONVERT; probe instead of guessing
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype), None)
+        torch.ops.mkldnn._linear_pointwise(torch.zeros(1, 8, dtype=dtype), w, None, "none", [], "")
+        return True
+    except RuntimeError:
+        return False
+
+
+@torch.no_grad()
+def prepack_linears(model: nn.Module) -> int:
+    """Give each float `Linear` on CPU a oneDNN-packed weight (see the module doc); returns how
+    many were packed. A weight shared with another module (a tied LM head) stays in place
+    for the other user; otherwise the plain copy is dropped so memory does not double."""
+    layers = [m for m in model.modules() if isinstance(m, Linear) and m.weight is not None
+              and m.weight.device.type == "cpu"]
+    if not layers or not _onednn_can_pack(layers[0].weight.dtype):
+        return 0
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    for layer in layers:
+        layer._packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), None)
+        if owners[id(layer.weight)] == 1:
+            layer.weight = None
+    return len(layers)
