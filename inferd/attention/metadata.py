@@ -6,7 +6,8 @@ so a backend can run all decodes as one padded batch and loop over the few prefi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ class AttentionMetadata:
     block_size: int
     causal: bool = True
     """False for encoders (BERT): bidirectional attention within each sequence, no KV cache."""
+    scratch: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    """Tensors a backend derives from this metadata in the first layer and reuses in the
+    others (gather indices, masks): built once per step instead of once per layer."""
 
     @property
     def num_seqs(self) -> int:

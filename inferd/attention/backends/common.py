@@ -39,15 +39,17 @@ def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
 
 
-def gather_padded_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor, max_len: int,
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of several sequences as padded [B, Hkv, max_len, D] (positions past a
-    sequence's length hold whatever the blocks hold; callers mask them)."""
-    block_size = kv_cache.shape[2]
-    num_blocks = -(-max_len // block_size)
-    table = block_tables[:, :num_blocks].long()
-    keys = kv_cache[0][table].flatten(1, 2)[:, :max_len]  # [B, max_len, Hkv, D]
-    values = kv_cache[1][table].flatten(1, 2)[:, :max_len]
+def gather_blocks(kv_cache: torch.Tensor, flat_table: torch.Tensor, num_seqs: int, max_len: int,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of B sequences as padded [B, Hkv, max_len, D], from their block ids flattened
+    to int64 [B * num_blocks] (positions past a sequence's length hold whatever the blocks
+    hold; callers mask them). `index_select` on whole blocks copies about a third faster than
+    advanced indexing with a 2-D table."""
+    keys = kv_cache[0].index_select(0, flat_table)  # [B * nb, block_size, Hkv, D]
+    values = kv_cache[1].index_select(0, flat_table)
+    shape = (num_seqs, -1, *kv_cache.shape[3:])
+    keys = keys.view(shape)[:, :max_len]  # [B, max_len, Hkv, D]
+    values = values.view(shape)[:, :max_len]
     return keys.transpose(1, 2), values.transpose(1, 2)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from inferd.attention.backends.common import gather_padded_kv, write_kv_cache
+from inferd.attention.backends.common import gather_blocks, write_kv_cache
 from inferd.attention.metadata import AttentionMetadata
 
 
@@ -110,40 +110,52 @@ class TorchSDPABackend:
                  soft_cap: float | None) -> torch.Tensor:
         """All single-token sequences in one batched call over padded cached K/V."""
         n = meta.num_decodes
+        table, max_len, mask = self._decode_inputs(meta, sliding_window)
+        keys, values = gather_blocks(kv_cache, table, n, max_len)
+        out = _attend(q[:n].unsqueeze(2), keys, values, mask, scale, soft_cap)
+        return out.squeeze(2)
+
+    @staticmethod
+    def _decode_inputs(meta: AttentionMetadata, sliding_window: int | None
+                       ) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """(flat block table, padded length, mask [n, 1, 1, L]) of the decodes: the same in
+        every layer with the same window, so derived once per step."""
+        key = ("decodes", sliding_window)
+        cached = meta.scratch.get(key)
+        if cached is not None:
+            return cached
+        n = meta.num_decodes
         max_len = max(meta.seq_lens[:n])  # host list: no device sync
-        keys, values = gather_padded_kv(kv_cache, meta.block_tables[:n], max_len)
+        num_blocks = -(-max_len // meta.block_size)
+        table = meta.block_tables[:n, :num_blocks].reshape(-1).long()
         lens = meta.seq_lens_t[:n].long().unsqueeze(1)  # [n, 1]
-        k_pos = torch.arange(max_len, device=q.device).unsqueeze(0)  # [1, L]
+        k_pos = torch.arange(max_len, device=lens.device).unsqueeze(0)  # [1, L]
         keep = k_pos < lens
         if sliding_window is not None:
             keep = keep & (k_pos >= lens - sliding_window)
-        mask = keep[:, None, None, :]  # [n, 1, 1, L]
-        out = _attend(q[:n].unsqueeze(2), keys, values, mask, scale, soft_cap)
-        return out.squeeze(2)
+        meta.scratch[key] = table, max_len, keep[:, None, None, :]
+        return meta.scratch[key]
 
     def _prefill(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  kv_cache: torch.Tensor | None, meta: AttentionMetadata, out: torch.Tensor,
                  scale: float, sliding_window: int | None, soft_cap: float | None) -> None:
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         ctx = meta.context_len(i)
-        if ctx == 0:
-            keys, values = k[start:end], v[start:end]  # nothing cached before: use fresh K/V
+        if ctx == 0:  # nothing cached before: attend to the fresh K/V directly
+            ki = k[start:end].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+            vi = v[start:end].transpose(0, 1).unsqueeze(0)
         elif kv_cache is None:
             raise ValueError(f"sequence {i} has {ctx} cached tokens but the layer has no KV cache")
         else:
             length = meta.seq_lens[i]
             num_blocks = -(-length // meta.block_size)
-            table = meta.block_tables[i, :num_blocks].long()
-            keys = kv_cache[0][table].flatten(0, 1)[:length]
-            values = kv_cache[1][table].flatten(0, 1)[:length]
+            ki, vi = gather_blocks(kv_cache, meta.block_tables[i, :num_blocks].long(), 1, length)
         qi = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, Lq, D]
-        ki = keys.transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
-        vi = values.transpose(0, 1).unsqueeze(0)
         plain_causal = meta.causal and ctx == 0 and sliding_window is None
         mask = None
         if not plain_causal:
             q_pos = torch.arange(ctx, ctx + end - start, device=q.device)
-            mask = _mask(q_pos, torch.arange(keys.shape[0], device=q.device), meta.causal,
+            mask = _mask(q_pos, torch.arange(ki.shape[2], device=q.device), meta.causal,
                          sliding_window)
         res = _attend(qi, ki, vi, mask, scale, soft_cap, is_causal=plain_causal)
         out[start:end] = res.squeeze(0).transpose(0, 1)

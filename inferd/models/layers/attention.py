@@ -66,11 +66,15 @@ class SelfAttention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         a = self.attn
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q = q.view(t, a.num_heads, a.head_dim)
-        k = k.view(t, a.num_kv_heads, a.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        h, hkv, d = a.num_heads, a.num_kv_heads, a.head_dim
+        qkv = self.qkv_proj(x)
+        # q and k rotate together, as one [T, H + Hkv, D] tensor: half the ops of two calls.
+        if self.q_norm is None:
+            qk = qkv[:, : (h + hkv) * d].view(t, h + hkv, d)
+        else:
+            qk = torch.cat((self.q_norm(qkv[:, : h * d].view(t, h, d)),
+                            self.k_norm(qkv[:, h * d: (h + hkv) * d].view(t, hkv, d))), 1)
+        qk = apply_rotary(qk, cos, sin)
+        q, k, v = qk[:, :h], qk[:, h:], qkv[:, (h + hkv) * d:]
         out = a(q, k, v, meta)
         return self.o_proj(out.reshape(t, a.num_heads * a.head_dim))

@@ -103,8 +103,11 @@ def compute_inv_freq(head_dim: int, params: dict[str, Any],
 
 
 class RotaryEmbedding(nn.Module):
-    """positions [T] -> (cos, sin) [T, D/2] in the model dtype, computed once per forward and
-    shared by every layer (no position-table limit: angles are computed on the fly)."""
+    """positions [T] -> (cos, sin) [T, 1, D] in the model dtype, computed once per forward and
+    shared by every layer (no position-table limit: angles are computed on the fly).
+
+    Both come pre-expanded to the full head width with the sign of rotate-half folded into
+    `sin` ([-sin | sin]), so each layer rotates q and k in four elementwise ops."""
 
     def __init__(self, head_dim: int, params: dict[str, Any], max_position_embeddings: int,
                  dtype: torch.dtype) -> None:
@@ -119,11 +122,16 @@ class RotaryEmbedding(nn.Module):
         cos, sin = freqs.cos(), freqs.sin()
         if self.attention_scaling != 1.0:
             cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
-        return cos.to(self.dtype), sin.to(self.dtype)
+        cos, sin = cos.to(self.dtype), sin.to(self.dtype)
+        return torch.cat((cos, cos), -1).unsqueeze(1), torch.cat((-sin, sin), -1).unsqueeze(1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D], cos/sin [T, D/2] -> rotated x (rotate-half layout)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """x [T, heads, D], cos/sin [T, 1, D] from `RotaryEmbedding` -> rotated x.
+
+    Rotate-half: [x1 | x2] -> [x1 cos - x2 sin | x2 cos + x1 sin] = x * cos + [x2 | x1] * sin
+    with sin = [-sin | sin]; negation is exact, so this rounds exactly like HF's expression.
+    """
+    t, h, d = x.shape
+    swapped = x.view(t, h, 2, d // 2).flip(2).view(t, h, d)
+    return x * cos + swapped * sin
