@@ -1,0 +1,43 @@
+"""Batch-1 decode speed of llama.cpp (llama-cpp-python) on a GGUF: the peer for
+benchmarks/throughput.py. Runs under whichever Python has `llama_cpp` installed, so it can live
+in its own venv (building it takes minutes; see ../shared/BENCHMARKS.md):
+
+    CMAKE_ARGS="-DGGML_NATIVE=ON" python -m venv /tmp/llamacpp && \\
+        /tmp/llamacpp/bin/pip install llama-cpp-python
+    /tmp/llamacpp/bin/python benchmarks/llamacpp_decode.py MODEL.gguf --prompt-ids 1,2,3 --tokens 64
+
+Prints one JSON line: {"batch1": tokens/s of the decode loop, "prefill": prompt tokens/s}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--prompt-ids", required=True, help="comma-separated token ids")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    from llama_cpp import Llama
+
+    llm = Llama(args.model, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads,
+                verbose=False)
+    prompt = [int(t) for t in args.prompt_ids.split(",")]
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(prompt)
+    prefill = len(prompt) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for _ in range(args.tokens):  # greedy, whatever the token (no EOS stop): like ignore_eos
+        tok = llm.sample(temp=0.0)
+        llm.eval([tok])
+    batch1 = args.tokens / (time.perf_counter() - t)
+    print(json.dumps({"batch1": batch1, "prefill": prefill}))
+
+
+if __name__ == "__main__":
+    main()
