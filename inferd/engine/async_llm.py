@@ -43,9 +43,6 @@ class EngineDeadError(RuntimeError):
 class AsyncLLM:
     def __init__(self, config: EngineConfig, stats_sinks: list[StatsSink] = ()):
         self.config = config
-        self.info = read_model_info(config.model)
-        self.hf_config = self.info.hf_config
-        self.generation_defaults = dict(self.info.generation_defaults)
         self.stats_sinks = list(stats_sinks)
         self._ipc_dir = tempfile.mkdtemp(prefix="inferd-")
         self._ctx = zmq.asyncio.Context()
@@ -56,9 +53,18 @@ class AsyncLLM:
         self._to_engine.bind(self._in_addr)
         self._from_engine = self._ctx.socket(zmq.PULL)
         self._from_engine.bind(self._out_addr)
+        # The engine process starts first: its imports and weight loading (most of the cold
+        # start) overlap with this process reading the model's metadata and tokenizer.
         self._proc = self._spawn_engine()
-        # Tokenizer loads here while the engine process loads the weights.
-        self.tokenizer = self.info.load_tokenizer()
+        try:
+            self.info = read_model_info(config.model)
+            self.tokenizer = self.info.load_tokenizer()
+        except BaseException:
+            self._proc.kill()
+            self._proc.wait()
+            raise
+        self.hf_config = self.info.hf_config
+        self.generation_defaults = dict(self.info.generation_defaults)
         ready = self._wait_ready()
         self.max_model_len = ready.max_model_len
         self.num_blocks = ready.num_blocks

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from inferd.config import ConfigError, EngineConfig, parse_bytes, resolve_dtype
+from inferd.config import ConfigError, EngineConfig, parse_bytes, resolve_device, resolve_dtype
 from inferd.engine.model_info import ModelInfo, read_model_info
 from inferd.engine.protocol import (EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest,
                                     FinishReason)
@@ -27,6 +27,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig, info: ModelInfo | None = None):
         self.config = config
         self.info = info or read_model_info(config.model)
+        config.device = resolve_device(config.device)
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.model.dtype, config.device)
         if self.device.type == "cpu":
@@ -45,6 +46,7 @@ class EngineCore:
         self._prompt_logprobs: dict[str, list] = {}
 
     def _init_runner(self) -> ModelRunner:
+        from inferd.models.layers.linear import num_parameters
         from inferd.models.loader import load_model
         t0 = time.perf_counter()
         build = None
@@ -56,7 +58,7 @@ class EngineCore:
                                                 self.info.path, mc.pooler_config)
         model = load_model(self.info.path, self.info.hf_config, self.dtype, self.device, build=build,
                            quantization=self.config.model.quantization)
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = num_parameters(model)
         logger.info("Loaded %s (%s, %.1fM parameters, %s on %s) in %.2f s", self.info.path.name,
                     self.info.architecture, n_params / 1e6, str(self.dtype).removeprefix("torch."),
                     self.device, time.perf_counter() - t0)

@@ -50,3 +50,12 @@ def test_tied_weight_is_kept_for_the_embedding():
     with torch.inference_mode():
         torch.testing.assert_close(m.embed(ids), table[ids])
         torch.testing.assert_close(m.head(table[ids]), table[ids] @ table.T, atol=1e-4, rtol=1e-5)
+
+
+def test_num_parameters_counts_packed_weights():
+    from inferd.models.layers.linear import num_parameters
+    layer = _filled(Linear(48, 32, bias=True))
+    before = num_parameters(layer)
+    assert before == 48 * 32 + 32
+    prepack_linears(layer)
+    assert num_parameters(layer) == before

@@ -97,3 +97,13 @@ def prepack_linears(model: nn.Module) -> int:
         if owners[id(layer.weight)] == 1:
             layer.weight = None
     return len(layers)
+
+
+def num_parameters(model: nn.Module) -> int:
+    """Parameter count including weights held outside `parameters()`: oneDNN-packed and
+    quantized linears keep theirs as opaque buffers."""
+    n = sum(p.numel() for p in model.parameters())
+    for m in model.modules():
+        if getattr(m, "weight", None) is None and hasattr(m, "in_features"):
+            n += m.in_features * m.out_features
+    return n
