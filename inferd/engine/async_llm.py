@@ -89,8 +89,15 @@ class AsyncLLM:
 
     # --- process management --------------------------------------------------------------------
     def _spawn_engine(self) -> subprocess.Popen:
+        env = dict(os.environ)
+        if "OMP_WAIT_POLICY" not in env:
+            # libgomp's idle threads spin ~300k iterations after each parallel op by default.
+            # Here they spin on the cores the API process needs, and each time it runs, an
+            # engine thread is descheduled and the next parallel op waits for it. A short spin
+            # measured +15-20% embeddings/s over HTTP on 2 cores, batch-1 decode unchanged.
+            env.setdefault("GOMP_SPINCOUNT", "10000")
         proc = subprocess.Popen([sys.executable, "-m", "inferd.engine.core_proc", self._in_addr,
-                                 self._out_addr, self._ready_addr], stdin=subprocess.PIPE)
+                                 self._out_addr, self._ready_addr], stdin=subprocess.PIPE, env=env)
         proc.stdin.write(encode_config(self.config))
         proc.stdin.close()
         return proc

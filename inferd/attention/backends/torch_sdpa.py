@@ -60,6 +60,20 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     return out.reshape(b, num_heads, lq, d).to(q.dtype)
 
 
+def _packed_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """q, k, v as one [T, 3, H, D] view when they are consecutive slices of one fused
+    projection's output (same shape, rows 3 * H * D apart); else None."""
+    if not (q.shape == k.shape == v.shape and q.stride() == k.stride() == v.stride()
+            and q.dtype == k.dtype == v.dtype):
+        return None
+    t, h, d = q.shape
+    step = h * d * q.element_size()
+    if (q.stride() != (3 * h * d, d, 1) or k.data_ptr() - q.data_ptr() != step
+            or v.data_ptr() - k.data_ptr() != step):
+        return None
+    return torch.as_strided(q, (t, 3, h, d), (3 * h * d, h * d, d, 1))
+
+
 class TorchSDPABackend:
     name = "torch_sdpa"
 
@@ -88,22 +102,41 @@ class TorchSDPABackend:
                               meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """Whole encoder batch as one padded SDPA call: one op per layer instead of one per
         sequence (embedding batches hold many short sequences)."""
-        b, max_len, dev = meta.num_seqs, meta.max_seq_len, q.device
-        qsl = torch.tensor(meta.query_start_loc, device=dev)
-        lens = qsl[1:] - qsl[:-1]
-        seq = torch.repeat_interleave(torch.arange(b, device=dev), lens, output_size=q.shape[0])
-        flat = seq * max_len + torch.arange(q.shape[0], device=dev) - qsl[:-1][seq]
-
-        def pad(x: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [B, H, L, D]
-            out = x.new_zeros(b * max_len, *x.shape[1:])
-            out.index_copy_(0, flat, x)
-            return out.view(b, max_len, *x.shape[1:]).transpose(1, 2)
-
-        # Padded query rows still see their sequence's real keys, so no row is all-masked.
-        mask = (torch.arange(max_len, device=dev)[None, :] < lens[:, None])[:, None, None, :]
-        o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, scale=scale,
+        b, max_len = meta.num_seqs, meta.max_seq_len
+        flat, mask = self._padding(meta, q.device)
+        qkv = _packed_qkv(q, k, v)
+        if qkv is not None:  # one fused projection (BERT): pad q, k and v in a single copy
+            padded = qkv.new_zeros(b * max_len, *qkv.shape[1:])
+            padded.index_copy_(0, flat, qkv)
+            pq, pk, pv = (t.view(b, max_len, *t.shape[1:]).transpose(1, 2)
+                          for t in padded.unbind(1))
+        else:
+            def pad(x: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [B, H, L, D]
+                out = x.new_zeros(b * max_len, *x.shape[1:])
+                out.index_copy_(0, flat, x)
+                return out.view(b, max_len, *x.shape[1:]).transpose(1, 2)
+            pq, pk, pv = pad(q), pad(k), pad(v)
+        o = F.scaled_dot_product_attention(pq, pk, pv, attn_mask=mask, scale=scale,
                                            enable_gqa=q.shape[1] != k.shape[1])
         return o.transpose(1, 2).reshape(b * max_len, *q.shape[1:]).index_select(0, flat)
+
+    @staticmethod
+    def _padding(meta: AttentionMetadata, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(padded row of every token [T], key mask [B, 1, 1, L]) for the encoder path; the
+        same in every layer, so derived once per step."""
+        cached = meta.scratch.get("padding")
+        if cached is not None:
+            return cached
+        b, max_len = meta.num_seqs, meta.max_seq_len
+        qsl = torch.tensor(meta.query_start_loc, device=device)
+        lens = qsl[1:] - qsl[:-1]
+        total = meta.num_tokens
+        seq = torch.repeat_interleave(torch.arange(b, device=device), lens, output_size=total)
+        flat = seq * max_len + torch.arange(total, device=device) - qsl[:-1][seq]
+        # Padded query rows still see their sequence's real keys, so no row is all-masked.
+        mask = (torch.arange(max_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
+        meta.scratch["padding"] = flat, mask
+        return flat, mask
 
     def _decodes(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                  scale: float, sliding_window: int | None,
