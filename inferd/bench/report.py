@@ -8,7 +8,7 @@ from typing import Any, Sequence
 from inferd.bench.stats import RequestResult
 
 WIDTH = 72
-LABEL = 38  # the widest label, "Cold start (command -> /health 200)", and a gap
+LABEL = 38  # the widest label, "Cold start (command -> first 200)", and a gap
 RULE = "-" * WIDTH
 
 
@@ -30,7 +30,7 @@ def format_report(report: dict[str, Any]) -> str:
     if run.get("matmul_gflops") is not None:
         row("Matmul probe (fp32, numpy)", f"{run['matmul_gflops']:.0f} GFLOP/s")
     if server.get("cold_start_s") is not None:
-        row("Cold start (command -> /health 200)", f"{server['cold_start_s']:.2f} s")
+        row("Cold start (command -> first 200)", f"{server['cold_start_s']:.2f} s")
     if server.get("peak_rss_bytes"):
         row("Peak RSS, server process tree", f"{server['peak_rss_bytes'] / 1e9:.2f} GB "
                                              f"({server['rss_samples']} samples)")

@@ -148,7 +148,9 @@ class LaunchedServer:
         return self.proc.pid
 
     def wait_healthy(self, base_url: str, timeout_s: float) -> float:
-        """Seconds from launch to the first 200 from /health; raises if it exits or times out."""
+        """Seconds from launch to the first 200 from /health (from /v1/models on servers that
+        have no /health route, such as llama-cpp-python's: a 404 there); raises if it exits
+        or times out."""
         deadline = self.started_at + timeout_s
         url = base_url.rstrip("/") + "/health"
         for _ in range(int(timeout_s / HEALTH_POLL_S) + 1):
@@ -156,7 +158,11 @@ class LaunchedServer:
                 raise ServerStartError(f"server exited with {self.proc.returncode} before it was "
                                    f"healthy; its log:\n{self.log_tail()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url, timeout=2.0, trust_env=False).status_code == 200:
+                status = httpx.get(url, timeout=2.0, trust_env=False).status_code
+                if status == 404 and url.endswith("/health"):
+                    url = base_url.rstrip("/") + "/v1/models"
+                    status = httpx.get(url, timeout=2.0, trust_env=False).status_code
+                if status == 200:
                     return time.perf_counter() - self.started_at
             if time.perf_counter() >= deadline:
                 break
