@@ -27,20 +27,12 @@ from typing import Iterator
 import httpx
 import numpy as np
 import torch
+from probe import matmul_probe  # benchmarks/ is on sys.path when run as a script
 
 WORDS = ("the a cat dog model server token embedding vector search query document rank fast slow "
          "river mountain city language learning neural network data batch memory cache attention "
          "layer weight matrix sentence paragraph meaning similar different small large quick brown "
          "fox jumps over lazy morning evening coffee music science history market price").split()
-
-
-def matmul_probe() -> float:
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    return 10 * 2 * 1024**3 / (time.perf_counter() - t) / 1e9
 
 
 def sentences(n: int, seed: int = 0) -> list[str]:

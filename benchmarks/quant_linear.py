@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from probe import matmul_probe  # benchmarks/ is on sys.path when run as a script
 
 from inferd.models.layers.quant import (Int4Linear, Int8Linear, cpu_has_int4_kernel,
                                         quantize_int4_groupwise, quantize_int8_per_channel,
@@ -59,15 +60,6 @@ def load_average() -> str:
             return " ".join(f.read().split()[:3])
     except OSError:
         return "?"
-
-
-def matmul_probe() -> float:
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    return 10 * 2 * 1024**3 / (time.perf_counter() - t) / 1e9
 
 
 def header(args: argparse.Namespace) -> None:

@@ -13,16 +13,7 @@ import os
 import time
 
 import torch
-
-
-def matmul_probe() -> float:
-    a = torch.randn(1024, 1024)
-    b = torch.randn(1024, 1024)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    return 10 * 2 * 1024**3 / (time.perf_counter() - t) / 1e9
+from probe import matmul_probe  # benchmarks/ is on sys.path when run as a script
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:

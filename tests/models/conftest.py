@@ -6,14 +6,14 @@ with `save_pretrained` (safetensors) and kept beside the HF model as the referen
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from inferd.attention.metadata import build_attention_metadata
+from paged_runner import PagedRunner
 
 # The test machines are small and shared: one intra-op thread avoids OpenMP oversubscription
 # (spinning threads made these tiny-model tests ~5x slower under load) and is plenty here.
@@ -87,46 +87,6 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModel
         model.save_pretrained(path, safe_serialization=True)
         out[name] = TinyModel(path, model.eval())
     return out
-
-
-@dataclass
-class PagedRunner:
-    """Drives one of our models step by step over a paged KV cache, as the model runner would.
-
-    Blocks come from a shuffled free list so sequences interleave through the pool."""
-    model: Any
-    block_size: int = 4
-    num_blocks: int = 256
-    free: list[int] = field(default_factory=list)
-    tables: dict[int, list[int]] = field(default_factory=dict)
-    lens: dict[int, int] = field(default_factory=dict)  # tokens already in cache per sequence
-
-    def __post_init__(self) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.free = torch.randperm(self.num_blocks, generator=g).tolist()
-        for layer in self.model.attention_layers():
-            layer.kv_cache = torch.zeros(2, self.num_blocks, self.block_size, layer.num_kv_heads,
-                                         layer.head_dim)
-
-    def step(self, chunks: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
-        """chunks: (seq id, new token ids), decodes first. Returns logits [n_new, V] per chunk."""
-        ctx, qlens, tables, ids, pos = [], [], [], [], []
-        for sid, toks in chunks:
-            c = self.lens.get(sid, 0)
-            table = self.tables.setdefault(sid, [])
-            while len(table) * self.block_size < c + len(toks):
-                table.append(self.free.pop())
-            ctx.append(c)
-            qlens.append(len(toks))
-            tables.append(list(table))
-            ids += toks
-            pos += range(c, c + len(toks))
-            self.lens[sid] = c + len(toks)
-        meta = build_attention_metadata(ctx, qlens, tables, self.block_size)
-        with torch.no_grad():
-            hidden = self.model(torch.tensor(ids), torch.tensor(pos), meta)
-            logits = self.model.compute_logits(hidden)
-        return list(logits.split(qlens))
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from paged_runner import PagedRunner
 from transformers import LlamaConfig
 
-from inferd.attention.metadata import build_attention_metadata
 from inferd.models.layers.linear import Embedding, Linear, MergedLinear
 from inferd.models.layers.quant import (INT8_QMAX, Int4Linear, Int8Linear, QuantLinear,
                                         quantize_int4_groupwise, quantize_int8_per_channel,
@@ -142,37 +142,9 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return model.eval()
 
 
-class Runner:
-    """Sequences through a model over a paged KV cache, one step at a time (decodes first)."""
-
-    def __init__(self, model: torch.nn.Module, block_size: int = 8, num_blocks: int = 64):
-        self.model, self.block_size, self.free = model, block_size, list(range(num_blocks))
-        self.tables: dict[int, list[int]] = {}
-        self.lens: dict[int, int] = {}
-        for layer in model.attention_layers():
-            layer.kv_cache = torch.zeros(2, num_blocks, block_size, layer.num_kv_heads,
-                                         layer.head_dim)
-
-    @torch.inference_mode()
-    def step(self, chunks: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
-        ctx, qlens, tables, ids, pos = [], [], [], [], []
-        for sid, toks in chunks:
-            c = self.lens.get(sid, 0)
-            table = self.tables.setdefault(sid, [])
-            while len(table) * self.block_size < c + len(toks):
-                table.append(self.free.pop())
-            ctx.append(c), qlens.append(len(toks)), tables.append(list(table))
-            ids += toks
-            pos += range(c, c + len(toks))
-            self.lens[sid] = c + len(toks)
-        meta = build_attention_metadata(ctx, qlens, tables, self.block_size)
-        logits = self.model.compute_logits(self.model(torch.tensor(ids), torch.tensor(pos), meta))
-        return list(logits.split(qlens))
-
-
 def greedy(model: torch.nn.Module, prompts: list[list[int]], n: int) -> list[list[int]]:
     """All prompts prefilled in one step, then decoded together (multi-row decode batches)."""
-    runner = Runner(model)
+    runner = PagedRunner(model)
     logits = runner.step(list(enumerate(prompts)))
     out = [[int(lg[-1].argmax())] for lg in logits]
     for _ in range(n - 1):
@@ -199,8 +171,8 @@ def test_quantized_tiny_llama_stays_close_to_fp32(mode, min_top1, max_kl, max_ga
     assert torch.equal(quant.model.embed_tokens.weight, fp32.model.embed_tokens.weight)
     # Teacher forcing: the fp32 model's own continuation, fed to both as one prefill each.
     seqs = [p + g for p, g in zip(prompts(), greedy(fp32, prompts(), 24))]
-    ref = torch.cat(Runner(fp32).step(list(enumerate(seqs)))).log_softmax(-1)
-    got = torch.cat(Runner(quant).step(list(enumerate(seqs)))).log_softmax(-1)
+    ref = torch.cat(PagedRunner(fp32).step(list(enumerate(seqs)))).log_softmax(-1)
+    got = torch.cat(PagedRunner(quant).step(list(enumerate(seqs)))).log_softmax(-1)
     top1 = (ref.argmax(-1) == got.argmax(-1)).float().mean()
     kl = torch.nn.functional.kl_div(got, ref, log_target=True, reduction="batchmean")
     # Where the top-1 token differs, fp32 rated the two choices within max_gap nats.
