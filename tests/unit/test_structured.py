@@ -71,7 +71,7 @@ def random_decode(manager: GrammarManager, tok, params: P, seed: int, *, steps: 
     (P(json={"type": "foo"}), 'Invalid JSON schema: Unsupported type "foo"'),
     (P(json="{not json"), "Invalid JSON schema: not valid JSON"),
     (P(json="[1, 2]"), "Invalid JSON schema: must be a JSON object or boolean"),
-    (P(json={"$ref": "#/defs/x"}), "Invalid JSON schema: Cannot find field defs"),
+    (P(json={"$ref": "#/defs/x"}), "Invalid JSON schema: Cannot find field"),
     (P(regex="(abc"), "Invalid regex: Regex parsing error at position 5"),
     (P(regex="a(?=b)"), "Invalid regex: Regex parsing error at position 4: Lookahead"),
     (P(regex=r"(a)\1"), "Backreference is not supported"),
