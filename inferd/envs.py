@@ -40,6 +40,9 @@ _VARIABLES: dict[str, Callable[[], Any]] = {
     # CPU linear layers through oneDNN with weights packed once at load (on) or plain
     # F.linear through torch's BLAS (off; MKL picks slow paths on AMD CPUs).
     "INFERD_CPU_ONEDNN_LINEAR": lambda: _bool("INFERD_CPU_ONEDNN_LINEAR", True),
+    # inferd's own CPU kernels (inferd/kernels/cpu_kernels.cpp, built with the host's C++
+    # compiler on first use): paged decode attention, KV writes, argmax. Off: pure torch ops.
+    "INFERD_CPU_KERNELS": lambda: _bool("INFERD_CPU_KERNELS", True),
 }
 
 if TYPE_CHECKING:  # the names, for type checkers and readers
@@ -50,6 +53,7 @@ if TYPE_CHECKING:  # the names, for type checkers and readers
     INFERD_KEEP_ALIVE_ON_ENGINE_DEATH: bool
     INFERD_CPU_THREADS: int
     INFERD_CPU_ONEDNN_LINEAR: bool
+    INFERD_CPU_KERNELS: bool
 
 
 def __getattr__(name: str) -> Any:

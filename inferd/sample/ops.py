@@ -134,7 +134,19 @@ def random_sample(logits: torch.Tensor, generators: dict[int, torch.Generator]) 
         _exponential_(noise[row], gen)
     # A zero draw would make 0/0 = NaN on a masked token, and argmax picks NaN.
     noise.clamp_min_(torch.finfo(noise.dtype).tiny)
-    return probs.div_(noise).argmax(dim=-1)
+    return argmax(probs.div_(noise))
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax of [B, V]. torch's CPU argmax reduces each row on one thread without
+    vectorising (4 ms for 64 x 49152); inferd's kernel does it in ~0.1 ms, same semantics."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 \
+            and x.is_contiguous() and x.shape[1] > 0:
+        from inferd.kernels import cpu as kernels
+        lib = kernels.load()
+        if lib is not None:
+            return kernels.argmax(lib, x)
+    return x.argmax(dim=-1)
 
 
 def gather_logprobs(logprobs: torch.Tensor, sampled: torch.Tensor, num_logprobs: int

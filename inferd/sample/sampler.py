@@ -78,7 +78,7 @@ class Sampler(nn.Module):
     @staticmethod
     def sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         """Steps 7-11."""
-        greedy = None if meta.all_random else logits.argmax(dim=-1)
+        greedy = None if meta.all_random else ops.argmax(logits)
         if meta.all_greedy:
             return greedy
         ops.apply_temperature(logits, meta.temperature)

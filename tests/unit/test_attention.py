@@ -14,8 +14,10 @@ import torch
 from inferd.attention.backends import flash as flash_module
 from inferd.attention.backends import get_attention_backend
 from inferd.attention.backends.common import context_slots, write_kv_cache
+from inferd.attention.backends.cpu import CPUBackend
 from inferd.attention.backends.torch_sdpa import TorchSDPABackend
 from inferd.attention.metadata import build_attention_metadata
+from inferd.kernels import cpu as cpu_kernels
 
 H, HKV, D, BLOCK = 4, 2, 16, 4
 NUM_BLOCKS = 64
@@ -82,16 +84,33 @@ CONTEXTS = [5, 17, 0, 12, 0, 9, 3]
 QUERIES = [1, 1, 1, 1, 7, 6, 5]
 
 
+def cpu_backend() -> CPUBackend:
+    lib = cpu_kernels.load()
+    if lib is None:  # CI machines have g++; this only skips on a machine without a compiler
+        pytest.skip("CPU kernels unavailable (no C++ compiler)")
+    return CPUBackend(lib)
+
+
+BACKENDS = {"torch": TorchSDPABackend, "cpu": cpu_backend}
+# Tolerances against the float64 reference: fp32 accumulation in every backend; the 16-bit
+# formats round inputs and outputs (bf16 keeps 8 bits of mantissa).
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("soft_cap", [None, 5.0])
-def test_mixed_decode_and_prefill(window, soft_cap):
-    kv_cache, meta, q, k, v, hk, hv = make_step(CONTEXTS, QUERIES)
+def test_mixed_decode_and_prefill(backend, dtype, window, soft_cap):
+    kv_cache, meta, q, k, v, hk, hv = make_step(CONTEXTS, QUERIES, dtype)
     assert meta.num_decodes == 4
     scale = 1 / math.sqrt(D)
-    out = TorchSDPABackend().forward(q, k, v, kv_cache, meta, scale=scale, sliding_window=window,
-                                     logits_soft_cap=soft_cap)
+    out = BACKENDS[backend]().forward(q, k, v, kv_cache, meta, scale=scale,
+                                      sliding_window=window, logits_soft_cap=soft_cap)
     ref = reference(meta, q, hk, hv, True, window, soft_cap, scale)
-    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    tol = TOLERANCE[dtype]
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
     # the new K/V landed in the cache at their slots
     flat = kv_cache.flatten(1, 2)
     torch.testing.assert_close(flat[0][meta.slot_mapping], k)
@@ -180,6 +199,7 @@ def test_flash_backend_call_contract(monkeypatch, window):
 
 
 def test_backend_selection():
-    assert get_attention_backend("cpu").name == "torch_sdpa"
+    expected_cpu = "cpu" if cpu_kernels.load() is not None else "torch_sdpa"
+    assert get_attention_backend("cpu").name == expected_cpu
     expected = "flash_attn" if flash_module.HAS_FLASH_ATTN else "torch_sdpa"
     assert get_attention_backend("cuda").name == expected

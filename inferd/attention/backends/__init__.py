@@ -1,8 +1,9 @@
 """Attention backends: `get_attention_backend(device)` picks one per device type.
 
-- `torch_sdpa.TorchSDPABackend`: any device (the CPU path; the CUDA fallback).
+- `cpu.CPUBackend`: CPU with inferd's kernels built (`inferd/kernels`): paged decode attention.
+- `torch_sdpa.TorchSDPABackend`: any device (the CPU path without kernels; the CUDA fallback).
 - `flash.FlashAttentionBackend`: CUDA with flash-attn installed (fp16/bf16).
-`INFERD_ATTENTION_BACKEND=torch|flash` forces a choice (debugging).
+`INFERD_ATTENTION_BACKEND=torch|flash|cpu` forces a choice (debugging).
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ def get_attention_backend(device: str) -> AttentionBackend:
     from inferd import envs
 
     choice = envs.INFERD_ATTENTION_BACKEND
-    if choice not in ("auto", "torch", "flash"):
-        raise ValueError(f"INFERD_ATTENTION_BACKEND={choice!r} is not one of auto, torch, flash")
+    if choice not in ("auto", "torch", "flash", "cpu"):
+        raise ValueError(f"INFERD_ATTENTION_BACKEND={choice!r} is not one of auto, torch, "
+                         "flash, cpu")
     if device.startswith("cuda") and choice != "torch":
         from inferd.attention.backends.flash import HAS_FLASH_ATTN, FlashAttentionBackend
 
@@ -27,6 +29,17 @@ def get_attention_backend(device: str) -> AttentionBackend:
         if choice == "flash":
             raise ValueError("INFERD_ATTENTION_BACKEND=flash but flash_attn is not installed; "
                              "`pip install flash-attn` or unset the variable")
+    if device == "cpu" and choice in ("auto", "cpu"):
+        from inferd.kernels import cpu as kernels
+
+        lib = kernels.load()
+        if lib is not None:
+            from inferd.attention.backends.cpu import CPUBackend
+
+            return CPUBackend(lib)
+        if choice == "cpu":
+            raise ValueError("INFERD_ATTENTION_BACKEND=cpu but the CPU kernels could not be "
+                             "built (see the warning above); unset the variable")
     from inferd.attention.backends.torch_sdpa import TorchSDPABackend
 
     return TorchSDPABackend()

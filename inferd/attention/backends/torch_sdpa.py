@@ -90,13 +90,17 @@ class TorchSDPABackend:
             for i in range(meta.num_seqs):
                 self._prefill(i, q, k, v, None, meta, out, scale, sliding_window, logits_soft_cap)
             return out
-        write_kv_cache(kv_cache, k, v, meta.slot_mapping)
+        self._write_kv(kv_cache, k, v, meta)
         if meta.num_decodes:
             out[: meta.num_decodes] = self._decodes(q, kv_cache, meta, scale, sliding_window,
                                                      logits_soft_cap)
         for i in range(meta.num_decodes, meta.num_seqs):
             self._prefill(i, q, k, v, kv_cache, meta, out, scale, sliding_window, logits_soft_cap)
         return out
+
+    def _write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  meta: AttentionMetadata) -> None:
+        write_kv_cache(kv_cache, k, v, meta.slot_mapping)
 
     def _padded_bidirectional(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               meta: AttentionMetadata, scale: float) -> torch.Tensor:

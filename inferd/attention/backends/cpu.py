@@ -1,0 +1,48 @@
+"""The CPU backend: `TorchSDPABackend` with inferd's own kernels for the per-step paged work.
+
+Decodes read K/V straight from the cache blocks (`inferd/kernels/cpu_kernels.cpp`): no padded
+gather copy and no masked SDPA, whose CPU kernel is built for long queries. Writes of the new
+K/V are one call per layer instead of two `index_copy_`s. Prefill chunks are compute-bound
+and stay on SDPA. The block tables and slots the kernels index with are checked against the
+cache once per step, not trusted.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from inferd.attention.backends.torch_sdpa import TorchSDPABackend
+from inferd.attention.metadata import AttentionMetadata
+from inferd.kernels import cpu as kernels
+
+
+class CPUBackend(TorchSDPABackend):
+    name = "cpu"
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+
+    def _checked(self, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+        key = ("paged_checked", kv_cache.shape[1])
+        if key not in meta.scratch:
+            kernels.check_paged_metadata(meta.slot_mapping, meta.block_tables, meta.seq_lens,
+                                         kv_cache.shape[1], meta.block_size)
+            meta.scratch[key] = True
+
+    def _write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  meta: AttentionMetadata) -> None:
+        if k.dtype != kv_cache.dtype or v.dtype != kv_cache.dtype:
+            return super()._write_kv(kv_cache, k, v, meta)
+        self._checked(kv_cache, meta)
+        kernels.write_kv(self.lib, kv_cache, k, v, meta.slot_mapping)
+
+    def _decodes(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                 scale: float, sliding_window: int | None,
+                 soft_cap: float | None) -> torch.Tensor:
+        if q.dtype != kv_cache.dtype:
+            return super()._decodes(q, kv_cache, meta, scale, sliding_window, soft_cap)
+        self._checked(kv_cache, meta)
+        return kernels.decode_attention(self.lib, q[: meta.num_decodes], kv_cache,
+                                        meta.block_tables, meta.seq_lens_t, scale,
+                                        sliding_window, soft_cap)

@@ -1,0 +1,1 @@
+"""Hand-written kernels for the hot path (see cpu.py)."""

@@ -1,0 +1,194 @@
+"""The CPU kernels of `cpu_kernels.cpp`: built once per machine, loaded through ctypes.
+
+Why ctypes and not a torch C++ extension: the kernels take raw pointers and need no torch
+headers, so a build is one `g++` call of about a second instead of a minute of compiling
+torch's headers, and there is no ninja or build-isolation step to get wrong on a fresh machine.
+The library is built with `-march=native` into the user cache, keyed by the source, the
+compiler and the CPU's feature flags, so a cache shared between different machines never hands
+one of them code it cannot run. Without a compiler (or with INFERD_CPU_KERNELS=0) `load()`
+returns None and callers keep their pure-torch path.
+
+Every wrapper checks dtypes, devices, shapes and strides before passing pointers: the C side
+trusts what it is given.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+ABI_VERSION = 1
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+_SIGNATURES = {
+    "inferd_abi_version": ([], ctypes.c_int),
+    "inferd_decode_attention": ([ctypes.c_int, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr,
+                                 _i64, _i64, _i64, _i64, _i64, _f32, _i64, _f32], None),
+    "inferd_write_kv": ([ctypes.c_int, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64],
+                        None),
+    "inferd_argmax_f32": ([_ptr, _i64, _i64, _ptr], None),
+}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "inferd" / "kernels"
+
+
+def _compiler() -> str | None:
+    cxx = os.environ.get("CXX") or "g++"
+    return shutil.which(cxx)
+
+
+def library_path(cxx: str) -> Path:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(_FLAGS), version,
+                                    _cpu_flags()]).encode()).hexdigest()[:16]
+    return _cache_dir() / f"cpu_kernels-{key}.so"
+
+
+def build(cxx: str) -> Path:
+    """Compile the library unless this machine's build is cached; returns its path. The build
+    goes to a temporary name first, so concurrent builders never load a half-written file."""
+    path = library_path(cxx)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([cxx, *_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"{cxx} failed to build {SOURCE.name}:\n{res.stderr[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> ctypes.CDLL | None:
+    """The kernel library, or None when disabled or unbuildable (logged once)."""
+    from inferd import envs
+    if not envs.INFERD_CPU_KERNELS:
+        return None
+    cxx = _compiler()
+    if cxx is None:
+        logger.warning("no C++ compiler found (set CXX): CPU kernels off, using torch ops")
+        return None
+    try:
+        lib = ctypes.CDLL(str(build(cxx)))
+    except (OSError, RuntimeError) as e:
+        logger.warning("CPU kernels unavailable, using torch ops: %s", e)
+        return None
+    for name, (args, res) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    if lib.inferd_abi_version() != ABI_VERSION:
+        logger.warning("CPU kernel library has a different ABI version: using torch ops")
+        return None
+    return lib
+
+
+def _check(cond: bool, what: str) -> None:
+    if not cond:
+        raise ValueError(f"cpu kernel: {what}")
+
+
+def _rows_contiguous(x: torch.Tensor) -> bool:
+    """Every dim but the first is packed (the first may have any stride >= the row size)."""
+    expected = 1
+    for size, stride in zip(reversed(x.shape[1:]), reversed(x.stride()[1:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return x.shape[0] <= 1 or x.stride(0) >= expected
+
+
+def check_paged_metadata(slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                         seq_lens: list[int], num_blocks: int, block_size: int) -> None:
+    """What the kernels index with, checked against the cache once per step (the same metadata
+    serves every layer): a bad slot or block id would read or write out of bounds."""
+    if slot_mapping.numel():
+        lo, hi = torch.aminmax(slot_mapping)
+        _check(int(lo) >= 0 and int(hi) < num_blocks * block_size, "slot out of range")
+    if block_tables.numel():
+        lo, hi = torch.aminmax(block_tables)
+        _check(int(lo) >= 0 and int(hi) < num_blocks, "block id out of range")
+    _check(max(seq_lens, default=0) <= block_tables.shape[1] * block_size,
+           "sequence longer than its block table")
+
+
+def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, kv_cache: torch.Tensor,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                     sliding_window: int | None, soft_cap: float | None) -> torch.Tensor:
+    """q [n, H, D] (one query per sequence), kv_cache [2, NB, bs, Hkv, D], block_tables int32
+    [>= n, max_blocks], seq_lens int32 [>= n] -> [n, H, D]; sequence i attends to the first
+    seq_lens[i] positions of its blocks (the last of which is the query's own). The caller
+    has checked tables and lengths against the cache (`check_paged_metadata`)."""
+    n, h, d = q.shape
+    _, nb, bs, hkv, dk = kv_cache.shape
+    _check(q.dtype == kv_cache.dtype and q.dtype in DTYPE_CODES, "dtype")
+    _check(dk == d and h % hkv == 0 and kv_cache.is_contiguous() and _rows_contiguous(q), "layout")
+    _check(block_tables.dtype == torch.int32 and seq_lens.dtype == torch.int32
+           and block_tables.stride(1) == 1 and seq_lens.is_contiguous()
+           and block_tables.shape[0] >= n and seq_lens.shape[0] >= n, "tables")
+    out = torch.empty(n, h, d, dtype=q.dtype)
+    lib.inferd_decode_attention(DTYPE_CODES[q.dtype], out.data_ptr(), q.data_ptr(), q.stride(0),
+                                kv_cache.data_ptr(), nb, block_tables.data_ptr(),
+                                block_tables.stride(0), seq_lens.data_ptr(), n, h, hkv, d, bs,
+                                scale, sliding_window or 0, soft_cap or 0.0)
+    return out
+
+
+def write_kv(lib: ctypes.CDLL, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """kv_cache[0/1] at flat slot s <- k/v[t] for slot_mapping[t] = s (as `write_kv_cache`).
+    The caller has checked every slot against the cache (`check_paged_metadata`)."""
+    _, nb, bs, hkv, d = kv_cache.shape
+    t = k.shape[0]
+    _check(k.dtype == v.dtype == kv_cache.dtype and k.dtype in DTYPE_CODES, "dtype")
+    _check(kv_cache.is_contiguous() and k.shape == v.shape == (t, hkv, d)
+           and _rows_contiguous(k) and _rows_contiguous(v), "layout")
+    _check(slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
+           and slot_mapping.shape == (t,), "slots")
+    if t == 0:
+        return
+    lib.inferd_write_kv(DTYPE_CODES[k.dtype], kv_cache.data_ptr(), nb * bs, k.data_ptr(),
+                        k.stride(0), v.data_ptr(), v.stride(0), slot_mapping.data_ptr(), t,
+                        hkv * d)
+
+
+def argmax(lib: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax of float32 [B, V], as `x.argmax(-1)` (first maximum; NaN wins)."""
+    _check(x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous(), "argmax input")
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    if x.shape[1] == 0:
+        raise ValueError("argmax of an empty row")
+    lib.inferd_argmax_f32(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+    return out

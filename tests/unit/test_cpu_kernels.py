@@ -1,0 +1,139 @@
+"""inferd's CPU kernels (inferd/kernels) against torch on the same inputs.
+
+The attention backend tests (test_attention.py) cover the kernels at a small head size through
+the generic path; here the model-sized head dims take the vectorised paths, with long paged
+contexts, scattered blocks and every dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from inferd.attention.backends.torch_sdpa import TorchSDPABackend
+from inferd.attention.metadata import build_attention_metadata
+from inferd.kernels import cpu as kernels
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = kernels.load()
+    if lib is None:
+        pytest.skip("CPU kernels unavailable (no C++ compiler)")
+    return lib
+
+
+def paged_decode_case(heads, kv_heads, head_dim, contexts, dtype, block_size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-(c + 1) // block_size) for c in contexts) + 8
+    kv = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables = [[perm.pop() for _ in range(-(-(c + 1) // block_size))] for c in contexts]
+    meta = build_attention_metadata(list(contexts), [1] * len(contexts), tables, block_size)
+    q = torch.randn(len(contexts), heads, head_dim, generator=g).to(dtype)
+    return kv, meta, q
+
+
+TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 2, 128), (4, 1, 256),
+                                                        (6, 6, 48)])
+@pytest.mark.parametrize("window, soft_cap", [(None, None), (37, None), (None, 30.0)])
+def test_decode_attention_matches_sdpa(lib, dtype, heads, kv_heads, head_dim, window, soft_cap):
+    contexts = [0, 1, 15, 16, 17, 200, 333]  # block boundaries and multi-block contexts
+    kv, meta, q = paged_decode_case(heads, kv_heads, head_dim, contexts, dtype)
+    scale = 1 / math.sqrt(head_dim)
+    ours = kernels.decode_attention(lib, q, kv, meta.block_tables, meta.seq_lens_t, scale,
+                                    window, soft_cap)
+    # torch's path in float64 over the same cache is the reference
+    ref = TorchSDPABackend()._decodes(q.double(), kv.double(), meta, scale, window, soft_cap)
+    assert ours.dtype == dtype and ours.shape == q.shape
+    torch.testing.assert_close(ours.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_decode_attention_reads_strided_queries(lib):
+    """q as the first heads of a fused [T, H + Hkv, D] tensor (how the models pass it)."""
+    kv, meta, q = paged_decode_case(9, 3, 64, [5, 40], torch.float32)
+    fused = torch.cat([q, torch.randn(2, 3, 64)], 1)
+    strided = fused[:, :9]
+    assert not strided.is_contiguous()
+    a = kernels.decode_attention(lib, strided, kv, meta.block_tables, meta.seq_lens_t, 0.1, None,
+                                 None)
+    b = kernels.decode_attention(lib, q, kv, meta.block_tables, meta.seq_lens_t, 0.1, None, None)
+    assert torch.equal(a, b)
+
+
+def test_write_kv_matches_index_copy(lib):
+    kv = torch.zeros(2, 8, 4, 3, 16, dtype=torch.bfloat16)
+    ref = kv.clone()
+    qkv = torch.randn(5, 9 + 3 + 3, 16).to(torch.bfloat16)
+    k, v = qkv[:, 9:12], qkv[:, 12:]
+    slots = torch.tensor([3, 0, 31, 17, 8])
+    kernels.write_kv(lib, kv, k, v, slots)
+    ref.flatten(1, 2)[0].index_copy_(0, slots, k)
+    ref.flatten(1, 2)[1].index_copy_(0, slots, v)
+    assert torch.equal(kv, ref)
+
+
+def test_metadata_out_of_range_is_refused():
+    tables = torch.tensor([[0, 7]], dtype=torch.int32)
+    ok = torch.tensor([0, 31])
+    kernels.check_paged_metadata(ok, tables, [20], num_blocks=8, block_size=16)
+    with pytest.raises(ValueError, match="slot out of range"):
+        kernels.check_paged_metadata(torch.tensor([128]), tables, [20], 8, 16)
+    with pytest.raises(ValueError, match="block id out of range"):
+        kernels.check_paged_metadata(ok, torch.tensor([[0, 8]], dtype=torch.int32), [20], 8, 16)
+    with pytest.raises(ValueError, match="longer than its block table"):
+        kernels.check_paged_metadata(ok, tables, [33], 8, 16)
+
+
+def test_wrong_dtype_or_layout_is_refused(lib):
+    kv, meta, q = paged_decode_case(4, 2, 64, [3], torch.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        kernels.decode_attention(lib, q.bfloat16(), kv, meta.block_tables, meta.seq_lens_t, 1.0,
+                                 None, None)
+    with pytest.raises(ValueError, match="layout"):
+        kernels.decode_attention(lib, q.transpose(0, 1), kv, meta.block_tables,
+                                 meta.seq_lens_t, 1.0, None, None)
+
+
+@pytest.mark.parametrize("cols", [1, 15, 16, 17, 49152])
+def test_argmax_matches_torch(lib, cols):
+    g = torch.Generator().manual_seed(cols)
+    x = torch.randn(9, cols, generator=g)
+    x[1] = float("-inf")                       # all -inf: index 0
+    x[2, -1] = 1e30                             # maximum in the scalar tail
+    x[3] = 0.5                                  # all tied: the first
+    if cols > 3:
+        x[4, 2] = x[4, 3] = float("nan")        # NaN wins, the first one
+        x[5, 1] = x[5, cols - 1] = 1e30         # tie between first and last
+    x[6, 0] = float("nan")
+    x[7, -1] = float("nan")                     # a NaN only in the tail
+    x[8] = float("inf")
+    assert torch.equal(kernels.argmax(lib, x), x.argmax(-1))
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("INFERD_CPU_KERNELS", "0")
+    kernels.load.cache_clear()
+    try:
+        assert kernels.load() is None
+    finally:
+        monkeypatch.delenv("INFERD_CPU_KERNELS")
+        kernels.load.cache_clear()
+    assert kernels.load() is not None
+
+
+def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cxx = kernels._compiler()
+    if cxx is None:
+        pytest.skip("no compiler")
+    path = kernels.build(cxx)
+    assert path.parent == tmp_path / "inferd" / "kernels" and path.exists()
+    mtime = path.stat().st_mtime_ns
+    assert kernels.build(cxx) == path and path.stat().st_mtime_ns == mtime  # no rebuild
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
