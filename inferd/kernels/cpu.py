@@ -1,4 +1,4 @@
-"""The CPU kernels of `cpu_kernels.cpp`: built once per machine, loaded through ctypes.
+"""The CPU kernels of `csrc/`: built once per machine, loaded through ctypes.
 
 Why ctypes and not a torch C++ extension: the kernels take raw pointers and need no torch
 headers, so a build is one `g++` call of about a second instead of a minute of compiling
@@ -28,10 +28,13 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+CSRC = Path(__file__).with_name("csrc")
 ABI_VERSION = 1
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# -ffp-contract=off: no fused multiply-adds the source did not write, so kernels that
+# replace torch op sequences round exactly as those ops do.
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC",
+          "-std=c++17"]
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 _SIGNATURES = {
@@ -41,7 +44,13 @@ _SIGNATURES = {
     "inferd_write_kv": ([ctypes.c_int, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64],
                         None),
     "inferd_argmax_f32": ([_ptr, _i64, _i64, _ptr], None),
+    "inferd_rms_norm": ([ctypes.c_int, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _f32,
+                         ctypes.c_int], None),
+    "inferd_rotary": ([ctypes.c_int, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr], None),
+    "inferd_act_and_mul": ([ctypes.c_int, _ptr, _ptr, _i64, _i64, ctypes.c_int], None),
 }
+ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu_fast": 1}
+"""Gated activations with a kernel; others (exact erf GELU) stay on torch."""
 
 
 def _cpu_flags() -> str:
@@ -64,9 +73,14 @@ def _compiler() -> str | None:
     return shutil.which(cxx)
 
 
+def _sources() -> list[Path]:
+    return sorted(CSRC.glob("*.cpp"))
+
+
 def library_path(cxx: str) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(_FLAGS), version,
+    code = [p.read_text() for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".h")]
+    key = hashlib.sha256("\0".join([*code, " ".join(_FLAGS), version,
                                     _cpu_flags()]).encode()).hexdigest()[:16]
     return _cache_dir() / f"cpu_kernels-{key}.so"
 
@@ -81,9 +95,10 @@ def build(cxx: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        res = subprocess.run([cxx, *_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        res = subprocess.run([cxx, *_FLAGS, *map(str, _sources()), "-o", tmp],
+                             capture_output=True, text=True)
         if res.returncode != 0:
-            raise RuntimeError(f"{cxx} failed to build {SOURCE.name}:\n{res.stderr[-2000:]}")
+            raise RuntimeError(f"{cxx} failed to build the CPU kernels:\n{res.stderr[-2000:]}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -113,6 +128,14 @@ def load() -> ctypes.CDLL | None:
         logger.warning("CPU kernel library has a different ABI version: using torch ops")
         return None
     return lib
+
+
+def for_tensor(x: torch.Tensor) -> ctypes.CDLL | None:
+    """The library when `x` is a CPU tensor of a dtype the kernels take, else None: the one
+    test the model layers make before choosing a kernel over their torch ops."""
+    if x.device.type != "cpu" or x.dtype not in DTYPE_CODES:
+        return None
+    return load()
 
 
 def _check(cond: bool, what: str) -> None:
@@ -191,4 +214,49 @@ def argmax(lib: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] == 0:
         raise ValueError("argmax of an empty row")
     lib.inferd_argmax_f32(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+    return out
+
+
+def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool,
+             residual: torch.Tensor | None = None, out: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """RMSNorm over the last dim of 2-D x, rounded as torch's eager ops round (see
+    csrc/elementwise.cpp). With `residual`: residual <- x + residual (in place), and the
+    result normalises that sum, as vLLM's fused_add_rms_norm."""
+    rows, dim = x.shape
+    _check(x.dtype == weight.dtype and x.dtype in DTYPE_CODES, "dtype")
+    _check(weight.shape == (dim,) and weight.is_contiguous() and _rows_contiguous(x), "layout")
+    if residual is not None:
+        _check(residual.dtype == x.dtype and residual.shape == x.shape
+               and _rows_contiguous(residual), "residual")
+    out = torch.empty(rows, dim, dtype=x.dtype) if out is None else out
+    _check(out.shape == x.shape and out.dtype == x.dtype and _rows_contiguous(out), "out")
+    lib.inferd_rms_norm(DTYPE_CODES[x.dtype], out.data_ptr(), out.stride(0) if rows else dim,
+                        x.data_ptr(), x.stride(0) if rows else dim,
+                        None if residual is None else residual.data_ptr(),
+                        residual.stride(0) if residual is not None and rows else dim,
+                        weight.data_ptr(), rows, dim, eps, int(gemma))
+    return out
+
+
+def rotary_(lib: ctypes.CDLL, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE in place: x [T, heads, D], cos/sin [T, 1, D] or [T, D] from
+    `RotaryEmbedding` (x's dtype, sign folded into sin); same rounding as `apply_rotary`."""
+    t, heads, d = x.shape
+    _check(x.dtype == cos.dtype == sin.dtype and x.dtype in DTYPE_CODES, "dtype")
+    _check(d % 2 == 0 and _rows_contiguous(x) and cos.is_contiguous() and sin.is_contiguous()
+           and cos.numel() == sin.numel() == t * d, "layout")
+    lib.inferd_rotary(DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0) if t else 0, t, heads, d,
+                      cos.data_ptr(), sin.data_ptr())
+    return x
+
+
+def act_and_mul(lib: ctypes.CDLL, x: torch.Tensor, activation: str) -> torch.Tensor:
+    """[rows, 2n] (gate | up) -> act(gate) * up [rows, n], each op rounded as torch's."""
+    rows, two_n = x.shape
+    _check(x.dtype in DTYPE_CODES and x.is_contiguous() and two_n % 2 == 0, "layout")
+    _check(activation in ACTIVATIONS, f"activation {activation!r}")
+    out = torch.empty(rows, two_n // 2, dtype=x.dtype)
+    lib.inferd_act_and_mul(DTYPE_CODES[x.dtype], out.data_ptr(), x.data_ptr(), rows, two_n // 2,
+                           ACTIVATIONS[activation])
     return out

@@ -137,3 +137,77 @@ def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
     mtime = path.stat().st_mtime_ns
     assert kernels.build(cxx) == path and path.stat().st_mtime_ns == mtime  # no rebuild
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
+
+
+def torch_rms_norm(x, w, eps, gemma):
+    """The eager ops of inferd.models.layers.norm (HF's rounding)."""
+    xf = x.float()
+    n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (n * (1.0 + w.float())).to(x.dtype) if gemma else w * n.to(x.dtype)
+
+
+def bits_differ(a, b):
+    """Fraction of elements whose bits differ."""
+    return (a != b).float().mean().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [576, 640, 37])
+@pytest.mark.parametrize("gemma", [False, True])
+def test_rms_norm_rounds_like_torch(lib, dtype, dim, gemma):
+    g = torch.Generator().manual_seed(dim)
+    x = (torch.randn(33, dim, generator=g) * 3).to(dtype)
+    w = (torch.randn(dim, generator=g) * 0.5 + (0 if gemma else 1)).to(dtype)
+    ours = kernels.rms_norm(lib, x, w, 1e-6, gemma)
+    ref = torch_rms_norm(x, w, 1e-6, gemma)
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    else:  # the same bits, except where fp32 summation order moves a value across a rounding
+        assert bits_differ(ours, ref) < 0.002
+        torch.testing.assert_close(ours.float(), ref.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_fuses_the_residual_add(lib, dtype):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 576, generator=g).to(dtype)
+    res = torch.randn(5, 576, generator=g).to(dtype)
+    w = torch.randn(576, generator=g).to(dtype)
+    expected_res = res + x
+    expected = torch_rms_norm(expected_res, w, 1e-5, False)
+    res_in = res.clone()
+    out = kernels.rms_norm(lib, x, w, 1e-5, False, residual=res_in)
+    assert torch.equal(res_in, expected_res)  # the add is one rounding, exactly torch's
+    torch.testing.assert_close(out.float(), expected.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 256, 20])
+def test_rotary_matches_apply_rotary(lib, dtype, head_dim):
+    from inferd.models.layers.rotary import RotaryEmbedding, apply_rotary
+    rope = RotaryEmbedding(head_dim, {"rope_type": "default", "rope_theta": 10000.0}, 4096, dtype)
+    positions = torch.tensor([0, 1, 7, 100, 4000])
+    cos, sin = rope(positions)
+    qkv = torch.randn(5, 9 + 3 + 3, head_dim).to(dtype)
+    qk = qkv[:, :12]  # strided: rows of the fused projection
+    ref = apply_rotary(qk.contiguous(), cos, sin)
+    kernels.rotary_(lib, qk, cos, sin)
+    assert torch.equal(qkv[:, :12], ref)  # bit for bit: same products, same roundings
+    assert torch.equal(qkv[:, 12:], qkv[:, 12:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("n", [1536, 17])
+def test_act_and_mul_matches_torch(lib, dtype, act, n):
+    from inferd.models.layers.activation import ActAndMul
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(7, 2 * n, generator=g) * 4).to(dtype)
+    x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # saturated and zero inputs
+    ours = kernels.act_and_mul(lib, x, act)
+    ref = ActAndMul(act)(x)
+    if dtype == torch.float32:  # 1 + tanh(y) carries ~1e-7 of absolute error in both
+        torch.testing.assert_close(ours, ref, atol=2e-6, rtol=1e-5)
+    else:  # exp differs from torch's by an ulp of fp32, rarely enough to flip a 16-bit rounding
+        assert bits_differ(ours, ref) < 0.01
+        torch.testing.assert_close(ours.float(), ref.float(), atol=1e-2, rtol=1e-2)

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inferd.kernels import cpu as kernels
+
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "swish": F.silu,
@@ -32,6 +34,10 @@ class ActAndMul(nn.Module):
         self.act = get_activation(name)
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.name in kernels.ACTIVATIONS and gate_up.dim() == 2 and gate_up.is_contiguous():
+            lib = kernels.for_tensor(gate_up)
+            if lib is not None:  # one pass, the same roundings as the two ops below
+                return kernels.act_and_mul(lib, gate_up, self.name)
         gate, up = gate_up.chunk(2, dim=-1)
         return self.act(gate) * up
 

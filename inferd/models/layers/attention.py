@@ -74,7 +74,7 @@ class SelfAttention(nn.Module):
         else:
             qk = torch.cat((self.q_norm(qkv[:, : h * d].view(t, h, d)),
                             self.k_norm(qkv[:, h * d: (h + hkv) * d].view(t, hkv, d))), 1)
-        qk = apply_rotary(qk, cos, sin)
+        qk = apply_rotary(qk, cos, sin, inplace=True)  # qkv/the cat are ours to overwrite
         q, k, v = qk[:, :h], qk[:, h:], qkv[:, (h + hkv) * d:]
         out = a(q, k, v, meta)
         return self.o_proj(out.reshape(t, a.num_heads * a.head_dim))

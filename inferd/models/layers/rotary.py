@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from inferd.kernels import cpu as kernels
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -126,12 +128,18 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((cos, cos), -1).unsqueeze(1), torch.cat((-sin, sin), -1).unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 inplace: bool = False) -> torch.Tensor:
     """x [T, heads, D], cos/sin [T, 1, D] from `RotaryEmbedding` -> rotated x.
 
     Rotate-half: [x1 | x2] -> [x1 cos - x2 sin | x2 cos + x1 sin] = x * cos + [x2 | x1] * sin
     with sin = [-sin | sin]; negation is exact, so this rounds exactly like HF's expression.
+    `inplace=True` lets the CPU kernel (same roundings) overwrite x instead of allocating.
     """
+    if inplace and x.dtype == cos.dtype:
+        lib = kernels.for_tensor(x)
+        if lib is not None:
+            return kernels.rotary_(lib, x, cos, sin)
     t, h, d = x.shape
     swapped = x.view(t, h, 2, d // 2).flip(2).view(t, h, d)
     return x * cos + swapped * sin
