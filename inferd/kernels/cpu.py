@@ -48,6 +48,11 @@ _SIGNATURES = {
                          ctypes.c_int], None),
     "inferd_rotary": ([ctypes.c_int, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr], None),
     "inferd_act_and_mul": ([ctypes.c_int, _ptr, _ptr, _i64, _i64, ctypes.c_int], None),
+    "inferd_has_gemv_bf16": ([], ctypes.c_int),
+    "inferd_gemv_bf16": ([_ptr, ctypes.c_int, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64],
+                         None),
+    "inferd_gemv_q4": ([_ptr, ctypes.c_int, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
+                        _i64], None),
 }
 ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu_fast": 1}
 """Gated activations with a kernel; others (exact erf GELU) stay on torch."""
@@ -259,4 +264,31 @@ def act_and_mul(lib: ctypes.CDLL, x: torch.Tensor, activation: str) -> torch.Ten
     out = torch.empty(rows, two_n // 2, dtype=x.dtype)
     lib.inferd_act_and_mul(DTYPE_CODES[x.dtype], out.data_ptr(), x.data_ptr(), rows, two_n // 2,
                            ACTIVATIONS[activation])
+    return out
+
+
+def gemv_bf16(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] bf16 (M <= 8) @ weight [N, K] bf16 (+ bias) -> [M, N] bf16 (fp32 accumulation,
+    rounded once, as oneDNN's bf16 linear)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    _check(m <= 8 and weight.shape[1] == k and weight.is_contiguous() and x.stride(1) == 1
+           and (bias is None or (bias.dtype == torch.bfloat16 and bias.shape == (n,))), "gemv")
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    lib.inferd_gemv_bf16(out.data_ptr(), 0, n, x.data_ptr(), x.stride(0), weight.data_ptr(),
+                         None if bias is None else bias.data_ptr(), m, n, k)
+    return out
+
+
+def gemv_q4(lib: ctypes.CDLL, x: torch.Tensor, q4, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] bf16 (M <= 8) @ W^T with W in 4-bit blocks (`quant.Q4Weights`) -> [M, N] bf16."""
+    m, k = x.shape
+    n = q4.qs.shape[0]
+    _check(m <= 8 and q4.qs.shape[1] * 32 == k and x.stride(1) == 1
+           and (bias is None or (bias.dtype == torch.bfloat16 and bias.shape == (n,))), "gemv_q4")
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    lib.inferd_gemv_q4(out.data_ptr(), 0, n, x.data_ptr(), x.stride(0), q4.qs.data_ptr(),
+                       q4.d.data_ptr(), q4.m.data_ptr(), None if bias is None else bias.data_ptr(),
+                       m, n, k)
     return out

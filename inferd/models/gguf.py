@@ -23,11 +23,15 @@ from typing import Any, BinaryIO, Callable, Collection, Iterator
 
 import torch
 import transformers
+from gguf import GGMLQuantizationType
 
 from inferd.models import gguf_quants
 from inferd.models.gguf_reader import GGUFError, GGUFHeader, TensorInfo, read_header
 
 __all__ = ["GGUFError", "GGUFModel", "TensorInfo", "read_header"]
+
+Q4_BLOCK_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+"""Block types the CPU decode matmul reads as they are stored."""
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -285,28 +289,43 @@ class GGUFModel:
             return lambda w: w.float() - offset  # in fp32, as transformers does, before the cast
         return lambda w: w
 
-    def _read_tensor(self, info: TensorInfo, f: BinaryIO) -> torch.Tensor:
-        """One tensor's values in its ggml layout (torch-ordered shape): float32, or F16/BF16 as stored."""
+    def _read_raw(self, info: TensorInfo, f: BinaryIO) -> torch.Tensor:
+        """One tensor's bytes as stored (uint8 [n_bytes]), at the offset validation checked."""
         raw = torch.empty(info.n_bytes, dtype=torch.uint8)
         f.seek(info.offset)
         if f.readinto(raw.numpy()) != info.n_bytes:  # the file shrank since validation
             raise GGUFError(f"{self.path}: short read of tensor {info.name!r}")
+        return raw
+
+    def _read_tensor(self, info: TensorInfo, f: BinaryIO) -> torch.Tensor:
+        """One tensor's values in its ggml layout (torch-ordered shape): float32, or F16/BF16 as stored."""
+        raw = self._read_raw(info, f)
         return gguf_quants.dequantize(raw, info.qtype, info.n_elements).reshape(info.shape)
 
     def iter_weights(self, dtype: torch.dtype = torch.float32,
-                     names: Collection[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                     names: Collection[str] | None = None,
+                     raw_q4: dict[str, tuple[GGMLQuantizationType, torch.Tensor]] | None = None,
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF checkpoint name, dequantized tensor in `dtype`), one tensor at a time, in file order.
 
         `names` limits it to those HF names (a partial load or a spot check). Tied embeddings (no
         `output.weight`) yield no `lm_head.weight`, as an HF checkpoint with `tie_word_embeddings`
-        does not.
+        does not. With `raw_q4`, every 2-D Q4_0/Q4_1 weight also lands there undequantized, as
+        (type, blocks uint8 [rows, K / 32, type_size]) in HF row order: the CPU's 4-bit decode
+        matmul reads those blocks directly (`inferd.models.layers.quant.attach_gguf_q4`).
         """
         with open(self.path, "rb") as f:
             for info, hf_name, transform in self._plan:
                 if names is not None and hf_name not in names:
                     continue
                 with gguf_quants.single_threaded():
-                    weight = transform(self._read_tensor(info, f)).to(dtype).contiguous()
+                    raw = self._read_raw(info, f)
+                    weight = gguf_quants.dequantize(raw, info.qtype, info.n_elements)
+                    weight = transform(weight.reshape(info.shape)).to(dtype).contiguous()
+                if raw_q4 is not None and info.qtype in Q4_BLOCK_TYPES and len(info.shape) == 2:
+                    rows, k = info.shape
+                    blocks = raw.view(rows, k // 32, -1)
+                    raw_q4[hf_name] = (info.qtype, transform(blocks).contiguous())
                 yield hf_name, weight  # outside the `with`: the consumer runs on the usual threads
 
     def weight_names(self) -> dict[str, str]:

@@ -45,3 +45,52 @@ def test_chat_answers_equal_transformers(llm, answers, smollm2_gguf):
             theirs = theirs[:-1]  # we report EOS as the finish reason, not as a token of text
         got = [t for t in ours.token_ids if t != tok.eos_token_id]
         assert got == theirs, (q, tok.decode(got), tok.decode(theirs))
+
+
+# --- the default serving configuration: bf16 with inferd's CPU kernels ----------------------
+# Greedy bf16 tokens cannot equal fp32 ones for long (a near-tie flips), so each token the bf16
+# engine picks is scored under transformers' fp32 forward on the same GGUF instead: it must be
+# the reference's argmax or within BF16_MARGIN nats of it. A broken kernel (attention, the
+# 4-bit decode matmul, norms) picks tokens the reference finds unlikely within a few steps.
+BF16_MARGIN = 1.0
+BF16_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def llm_bf16(smollm2_gguf):
+    return LLM(str(smollm2_gguf), dtype="bfloat16", kv_cache_memory="256MiB", max_model_len=1024)
+
+
+def test_bf16_decode_path_uses_4bit_blocks_when_the_cpu_has_the_kernel(llm_bf16):
+    from inferd.kernels import cpu as kernels
+    lib = kernels.load()
+    model = llm_bf16.engine.core.runner.model
+    n = sum(1 for m in model.modules() if getattr(m, "_q4", None) is not None)
+    if lib is None or not lib.inferd_has_gemv_bf16():
+        assert n == 0
+    else:  # q/k/v, o, gate/up and down of every layer are Q4_1 in this file
+        assert n == 4 * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_bf16_greedy_tokens_are_near_argmax_under_fp32_reference(llm_bf16, smollm2_gguf, batch):
+    from transformers import AutoModelForCausalLM
+    ref = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
+                                               dtype=torch.float32).eval()
+    sp = SamplingParams(max_tokens=BF16_TOKENS, temperature=0.0, ignore_eos=True)
+    convs = [[{"role": "user", "content": q}] for q in QUESTIONS[:batch]]
+    outs = llm_bf16.chat(convs, sp)
+    if batch == 1:
+        assert "Paris" in outs[0].outputs[0].text
+    tok = llm_bf16.tokenizer
+    for conv, out in zip(convs, outs):
+        text = llm_bf16.render_chat(conv, add_generation_prompt=True)
+        prompt = tok.encode(text, add_special_tokens=False)
+        ours = list(out.outputs[0].token_ids)
+        assert len(ours) == BF16_TOKENS
+        with torch.no_grad():
+            logits = ref(torch.tensor([prompt + ours])).logits[0, len(prompt) - 1:-1].float()
+        lp = logits.log_softmax(-1)
+        chosen = lp[torch.arange(len(ours)), torch.tensor(ours)]
+        gap = lp.max(-1).values - chosen
+        assert gap.max().item() <= BF16_MARGIN, (tok.decode(ours), gap.tolist())

@@ -43,7 +43,8 @@ TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
                                                         (6, 6, 48)])
 @pytest.mark.parametrize("window, soft_cap", [(None, None), (37, None), (None, 30.0)])
 def test_decode_attention_matches_sdpa(lib, dtype, heads, kv_heads, head_dim, window, soft_cap):
-    contexts = [0, 1, 15, 16, 17, 200, 333]  # block boundaries and multi-block contexts
+    # every context length mod 16 (block size, and the kernels' 16-key groups), long ones
+    contexts = list(range(34)) + [200, 333]
     kv, meta, q = paged_decode_case(heads, kv_heads, head_dim, contexts, dtype)
     scale = 1 / math.sqrt(head_dim)
     ours = kernels.decode_attention(lib, q, kv, meta.block_tables, meta.seq_lens_t, scale,
@@ -211,3 +212,65 @@ def test_act_and_mul_matches_torch(lib, dtype, act, n):
     else:  # exp differs from torch's by an ulp of fp32, rarely enough to flip a 16-bit rounding
         assert bits_differ(ours, ref) < 0.01
         torch.testing.assert_close(ours.float(), ref.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def bf16_lib(lib):
+    if not lib.inferd_has_gemv_bf16():
+        pytest.skip("this CPU has no AVX512-BF16: the skinny matmuls are not built")
+    return lib
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("n, k", [(49, 576), (3072, 37), (16, 1536)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_bf16_matches_linear(bf16_lib, m, n, k, bias):
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(m * n + k)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    ours = kernels.gemv_bf16(bf16_lib, x, w, b)
+    ref = x.double() @ w.double().T + (b.double() if bias else 0)
+    assert ours.dtype == torch.bfloat16 and ours.shape == (m, n)
+    # fp32 accumulation rounded once to bf16: within one bf16 rounding of the exact result
+    torch.testing.assert_close(ours.double(), ref, atol=1e-3 * k ** 0.5, rtol=8e-3)
+    torch.testing.assert_close(ours.float(), F.linear(x, w, b).float(), atol=0.05, rtol=1e-2)
+
+
+def gguf_q4_blocks(qtype_name, n, k, seed=0):
+    """Real GGUF blocks from gguf's own quantizer, with its dequantized weights."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+    qtype = GGMLQuantizationType[qtype_name]
+    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.05
+    raw = quants.quantize(w, qtype)  # uint8 [n, k / 32 * type_size]
+    blocks = torch.from_numpy(np.ascontiguousarray(raw)).view(n, k // 32, -1)
+    dequant = torch.from_numpy(quants.dequantize(raw, qtype).reshape(n, k))
+    return qtype, blocks, dequant
+
+
+@pytest.mark.parametrize("qtype_name", ["Q4_0", "Q4_1"])
+def test_q4_blocks_split_to_the_same_weights(qtype_name):
+    from inferd.models.layers.quant import q4_from_blocks
+    qtype, blocks, dequant = gguf_q4_blocks(qtype_name, 24, 96)
+    q4 = q4_from_blocks(qtype, blocks)
+    q = torch.cat([q4.qs & 0x0F, q4.qs >> 4], dim=-1).float()  # [n, nb, 32], element order
+    w = (q4.d[..., None] * q + q4.m[..., None]).reshape(24, 96)
+    torch.testing.assert_close(w, dequant, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("qtype_name", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("m", [1, 2, 4, 7])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_q4_matches_the_dequantized_weights(bf16_lib, qtype_name, m, bias):
+    from inferd.models.layers.quant import q4_from_blocks
+    qtype, blocks, dequant = gguf_q4_blocks(qtype_name, 200, 576, seed=m)
+    q4 = q4_from_blocks(qtype, blocks)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 576, generator=g).bfloat16()
+    b = torch.randn(200, generator=g).bfloat16() if bias else None
+    ours = kernels.gemv_q4(bf16_lib, x, q4, b)
+    # exact weights in fp64: the kernel multiplies the blocks as stored, never rounding them
+    ref = x.double() @ dequant.double().T + (b.double() if bias else 0)
+    torch.testing.assert_close(ours.double(), ref, atol=2e-3, rtol=8e-3)

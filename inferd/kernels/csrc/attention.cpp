@@ -49,25 +49,6 @@ inline void for_each_run(const T* cache, const int32_t* table, int64_t start, in
 }
 
 #if defined(__AVX512F__)
-// Sums of 16 vectors, lane i of the result = sum of a[i]: a transpose-and-add tree (45 ops)
-// instead of 16 horizontal reductions (~130).
-inline __m512 hsum16(const __m512* a) {
-  __m512 t[8], u[4];
-  for (int i = 0; i < 8; ++i)
-    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
-                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-  // t[i], per 128-bit lane: (a0, a1, a0, a1) partials of vectors 2i, 2i+1 interleaved
-  for (int i = 0; i < 4; ++i)
-    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44),
-                         _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
-  // u[i], per 128-bit lane: partial sums of vectors 4i..4i+3 over that lane's 4 elements
-  const __m512 v0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88),
-                                  _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
-  const __m512 v1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88),
-                                  _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(v0, v1, 0x88), _mm512_shuffle_f32x4(v0, v1, 0xDD));
-}
-
 // q . k for one query head against up to 16 keys `row` apart, head_dim 16 * NC: lane j of the
 // result is the dot with key j (lanes >= n are 0).
 template <typename T, int NC>
@@ -218,8 +199,8 @@ void decode_group_bf16(bf16* out, const bf16* q, const bf16* k_cache, const bf16
     for (; i + 16 <= L; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + i));
     float mx = _mm512_reduce_max_ps(mv);
     for (; i < L; ++i) mx = std::max(mx, s[i]);
-    s[L] = -std::numeric_limits<float>::infinity();  // the partner of an odd last token: p = 0
     inv[g] = 1.f / exp_shift_sum(s, L, mx);
+    s[L] = 0.f;  // the partner of an odd last token: p = 0
     uint16_t* pb = p_all + g * Lp;
     for (i = 0; i + 16 <= L + 1; i += 16)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + i), bf16_bits(_mm512_loadu_ps(s + i)));

@@ -120,6 +120,24 @@ inline float exp_shift_sum(float* x, int64_t n, float m) {
   }
   return _mm512_reduce_add_ps(acc);
 }
+// Sums of 16 vectors, lane i of the result = sum of a[i]: a transpose-and-add tree (45 ops)
+// instead of 16 horizontal reductions (~130).
+inline __m512 hsum16(const __m512* a) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  // t[i], per 128-bit lane: (a0, a1, a0, a1) partials of vectors 2i, 2i+1 interleaved
+  for (int i = 0; i < 4; ++i)
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+  // u[i], per 128-bit lane: partial sums of vectors 4i..4i+3 over that lane's 4 elements
+  const __m512 v0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88),
+                                  _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  const __m512 v1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88),
+                                  _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(v0, v1, 0x88), _mm512_shuffle_f32x4(v0, v1, 0xDD));
+}
 #endif  // __AVX512F__
 
 // Element type of a dtype code, for the C entry points: fn(tag) with tag a null T*.

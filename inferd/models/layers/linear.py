@@ -17,6 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+Q4_MAX_ROWS = 3
+"""Inputs of at most this many rows (decode steps of a few sequences) take the 4-bit kernel
+when the layer has GGUF blocks: against oneDNN's bf16 matmul on SmolLM2's layer shapes
+(benchmarks/linear_small_m.py, best of 3, noisy machine) 2.0-2.8x faster at 1-2 rows,
+1.2-1.4x at 3, even at 4, slower from there on, where oneDNN's AMX kernels win."""
+_BF16_GEMV_MAX_ROWS = 2  # the bf16 skinny matmul beats oneDNN's only for 1-2 rows
+_SMALL_M_ROWS = max(Q4_MAX_ROWS, _BF16_GEMV_MAX_ROWS)
+
+
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -25,11 +34,34 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
         self._packed: torch.Tensor | None = None  # oneDNN's copy of the weight (CPU)
+        self._weight_dtype = dtype  # survives prepack_linears dropping `weight`
+        # GGUF Q4_0/Q4_1 blocks of the weight (quant.Q4Weights), for decode steps of a few rows
+        self._q4 = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] <= _SMALL_M_ROWS and x.dtype == torch.bfloat16:
+            y = self._small_m(x)
+            if y is not None:
+                return y
         if self._packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def _small_m(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A few bf16 rows through inferd's CPU kernels, which stream the weights at memory
+        speed (4-bit blocks when the GGUF had them, else the plain bf16 weight if this layer
+        kept one); None when neither applies."""
+        from inferd.kernels import cpu as kernels
+        if self._q4 is not None:
+            lib = kernels.for_tensor(x)
+            if lib is not None and x.shape[0] <= Q4_MAX_ROWS:
+                return kernels.gemv_q4(lib, x, self._q4, self.bias)
+        elif self.weight is not None and x.shape[0] <= _BF16_GEMV_MAX_ROWS \
+                and self.weight.dtype == torch.bfloat16:
+            lib = kernels.for_tensor(x)
+            if lib is not None and lib.inferd_has_gemv_bf16():
+                return kernels.gemv_bf16(lib, x, self.weight, self.bias)
+        return None
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"

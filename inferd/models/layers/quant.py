@@ -32,8 +32,10 @@ import logging
 import torch
 from torch import nn
 
+from dataclasses import dataclass
+
 from inferd.config import ConfigError
-from inferd.models.layers.linear import Linear, MergedLinear
+from inferd.models.layers.linear import Q4_MAX_ROWS, Linear, MergedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -227,3 +229,65 @@ def quantize_model(model: nn.Module, mode: str, *, min_numel: int = DEFAULT_MIN_
             swapped += 1
     logger.info("Quantized %d linear layers to %s (%d left in float)", swapped, mode, kept)
     return swapped
+
+
+# --- GGUF 4-bit weights read as stored (CPU decode) ----------------------------------------------
+
+@dataclass
+class Q4Weights:
+    """A linear layer's weight as GGUF Q4_0 / Q4_1 blocks of 32 along K, split for the kernel:
+    w[n, 32 b + j] = d[n, b] * q + m[n, b], q the j-th nibble of block (n, b)."""
+    qs: torch.Tensor  # uint8 [N, K / 32, 16]: low nibbles are j < 16, high nibbles j >= 16
+    d: torch.Tensor   # float32 [N, K / 32]
+    m: torch.Tensor   # float32 [N, K / 32]; Q4_0 stores none: m = -8 d
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qs.shape[0], self.qs.shape[1] * 32
+
+
+def q4_from_blocks(qtype, blocks: torch.Tensor) -> Q4Weights:
+    """GGUF blocks uint8 [N, K / 32, type_size] -> Q4Weights (ggml's block layouts:
+    Q4_0 = d fp16 | 16 bytes of nibbles; Q4_1 = d fp16 | m fp16 | 16 bytes)."""
+    from inferd.models.gguf import GGMLQuantizationType as Q
+
+    def f16(start: int) -> torch.Tensor:
+        return blocks[..., start:start + 2].contiguous().view(torch.float16).squeeze(-1).float()
+
+    if qtype == Q.Q4_1:
+        d, m, qs = f16(0), f16(2), blocks[..., 4:]
+    elif qtype == Q.Q4_0:
+        d, qs = f16(0), blocks[..., 2:]
+        m = -8 * d
+    else:
+        raise ValueError(f"not a 4-bit block type: {qtype!r}")
+    return Q4Weights(qs.contiguous(), d.contiguous(), m.contiguous())
+
+
+def attach_gguf_q4(model: nn.Module, raw: dict, stacked: list[tuple[str, str, int]]) -> int:
+    """Give each bf16 CPU `Linear` whose checkpoint weights were all Q4_0/Q4_1 in the GGUF
+    (`GGUFModel.iter_weights(raw_q4=...)`) those blocks, for inputs of up to Q4_MAX_ROWS
+    rows; returns how
+    many layers got them. A fused layer (qkv, gate/up) qualifies when every one of its HF
+    projections did; their rows stack in shard order, as the float weight's do."""
+    attached = 0
+    for name, module in model.named_modules():
+        if type(module) not in (Linear, MergedLinear) or module._weight_dtype != torch.bfloat16:
+            continue
+        if isinstance(module, MergedLinear):
+            parts = sorted((shard, part) for fused, part, shard in stacked if fused[1:-1] == name.rsplit(".", 1)[-1])
+            sources = [f"{name.rsplit('.', 1)[0]}.{part.strip('.')}.weight" for _, part in parts]
+            if len(sources) != len(module.out_sizes):
+                continue
+        else:
+            sources = [f"{name}.weight"]
+        if not all(s in raw for s in sources):
+            continue
+        q4s = [q4_from_blocks(*raw[s]) for s in sources]
+        q4 = Q4Weights(*(torch.cat([getattr(w, f) for w in q4s]) for f in ("qs", "d", "m")))
+        if q4.shape != (module.out_features, module.in_features):
+            raise ValueError(f"{name}: 4-bit blocks of shape {q4.shape} for a "
+                             f"{module.out_features} x {module.in_features} layer")
+        module._q4 = q4
+        attached += 1
+    return attached
