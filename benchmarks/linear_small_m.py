@@ -1,6 +1,7 @@
-"""Decode-sized matmuls: inferd's 4-bit (GGUF Q4 blocks) and bf16 skinny kernels vs oneDNN.
+"""Decode-sized matmuls: inferd's 4-bit kernels (GGUF Q4 blocks: skinny, and AMX tiles) and
+its bf16 skinny kernel vs oneDNN.
 
-    .venv/bin/python benchmarks/linear_small_m.py [--rows 1 2 4 8]
+    .venv/bin/python benchmarks/linear_small_m.py [--rows 1 2 4 8 16 32 64]
 
 One pass over the 30 layers of SmolLM2-135M's linear shapes (qkv, o, gate/up, down) with
 distinct weights, so each weight comes from memory as it does in a decode step. Prints the best
@@ -42,7 +43,7 @@ def best_of(fn, rounds: int = 3, iters: int = 10) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     args = ap.parse_args()
     lib = kernels.load()
     if lib is None or not lib.inferd_has_gemv_bf16():
@@ -68,6 +69,11 @@ def main() -> None:
                 for x, w in zip(xs, layer):
                     kernels.gemv_q4(lib, x, w, None)
 
+        def ours_amx():
+            for layer in q4:
+                for x, w in zip(xs, layer):
+                    kernels.gemm_q4_amx(lib, x, w, None)
+
         def ours_bf16():
             for layer in plain:
                 for x, w in zip(xs, layer):
@@ -75,7 +81,10 @@ def main() -> None:
 
         base = best_of(onednn)
         line = f"rows {m}: oneDNN bf16 {base:6.2f} ms"
-        for name, fn in (("4-bit", ours_q4), ("bf16 skinny", ours_bf16)):
+        runs = [("4-bit AMX", ours_amx)] if kernels.has_amx(lib) else []
+        if m <= 8:
+            runs += [("4-bit skinny", ours_q4), ("bf16 skinny", ours_bf16)]
+        for name, fn in runs:
             t = best_of(fn)
             line += f" | {name} {t:6.2f} ms ({base / t:.2f}x)"
         print(line)

@@ -53,6 +53,9 @@ _SIGNATURES = {
                          None),
     "inferd_gemv_q4": ([_ptr, ctypes.c_int, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
                         _i64], None),
+    "inferd_amx_init": ([], ctypes.c_int),
+    "inferd_gemm_q4_amx": ([_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
+                           None),
 }
 ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu_fast": 1}
 """Gated activations with a kernel; others (exact erf GELU) stay on torch."""
@@ -291,4 +294,24 @@ def gemv_q4(lib: ctypes.CDLL, x: torch.Tensor, q4, bias: torch.Tensor | None) ->
     lib.inferd_gemv_q4(out.data_ptr(), 0, n, x.data_ptr(), x.stride(0), q4.qs.data_ptr(),
                        q4.d.data_ptr(), q4.m.data_ptr(), None if bias is None else bias.data_ptr(),
                        m, n, k)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def has_amx(lib: ctypes.CDLL) -> bool:
+    """AMX built in, and this process granted the tile state by the kernel (asked once)."""
+    return bool(lib.inferd_amx_init())
+
+
+def gemm_q4_amx(lib: ctypes.CDLL, x: torch.Tensor, q4, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] bf16 @ W^T with W in 4-bit blocks, on AMX tiles -> [M, N] bf16. The caller has
+    checked `lib.inferd_amx_init()`."""
+    m, k = x.shape
+    n = q4.qs.shape[0]
+    _check(q4.qs.shape[1] * 32 == k and x.stride(1) == 1
+           and (bias is None or (bias.dtype == torch.bfloat16 and bias.shape == (n,))), "gemm_q4")
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    lib.inferd_gemm_q4_amx(out.data_ptr(), n, x.data_ptr(), x.stride(0), q4.qs.data_ptr(),
+                           q4.d.data_ptr(), q4.m.data_ptr(),
+                           None if bias is None else bias.data_ptr(), m, n, k)
     return out

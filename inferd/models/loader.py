@@ -216,12 +216,12 @@ def load_model(model_path: Path, hf_config: Any, dtype: torch.dtype, device: str
     load_checkpoint(model, Path(model_path), dtype, raw_q4)
     model = model.to(device).eval()
     if raw_q4:
-        from inferd.models.layers.quant import Q4_MAX_ROWS, attach_gguf_q4
+        from inferd.models.layers.quant import Q4_AMX_MAX_ROWS, attach_gguf_q4
         from inferd.models.layers.weights import LLAMA_STACKED
 
         n = attach_gguf_q4(model, raw_q4, LLAMA_STACKED)
-        logger.info("%d linear layers read their GGUF 4-bit blocks directly for decode steps "
-                    "of up to %d sequences", n, Q4_MAX_ROWS)
+        logger.info("%d linear layers read their GGUF 4-bit blocks directly for steps of up "
+                    "to %d tokens", n, Q4_AMX_MAX_ROWS)
         raw_q4.clear()
     if quantization is not None:
         from inferd.models.layers.quant import quantize_model

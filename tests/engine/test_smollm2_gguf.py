@@ -72,13 +72,14 @@ def test_bf16_decode_path_uses_4bit_blocks_when_the_cpu_has_the_kernel(llm_bf16)
         assert n == 4 * model.config.num_hidden_layers
 
 
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 6])  # 4-bit skinny kernel for 1-3 rows, AMX for 6
 def test_bf16_greedy_tokens_are_near_argmax_under_fp32_reference(llm_bf16, smollm2_gguf, batch):
     from transformers import AutoModelForCausalLM
     ref = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
                                                dtype=torch.float32).eval()
     sp = SamplingParams(max_tokens=BF16_TOKENS, temperature=0.0, ignore_eos=True)
-    convs = [[{"role": "user", "content": q}] for q in QUESTIONS[:batch]]
+    questions = (QUESTIONS * 2)[:batch]  # 6: each question twice (shared prefix blocks too)
+    convs = [[{"role": "user", "content": q}] for q in questions]
     outs = llm_bf16.chat(convs, sp)
     if batch == 1:
         assert "Paris" in outs[0].outputs[0].text

@@ -274,3 +274,23 @@ def test_gemv_q4_matches_the_dequantized_weights(bf16_lib, qtype_name, m, bias):
     # exact weights in fp64: the kernel multiplies the blocks as stored, never rounding them
     ref = x.double() @ dequant.double().T + (b.double() if bias else 0)
     torch.testing.assert_close(ours.double(), ref, atol=2e-3, rtol=8e-3)
+
+
+@pytest.mark.parametrize("qtype_name", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("m", [1, 4, 16, 17, 40])
+@pytest.mark.parametrize("n", [200, 96])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemm_q4_amx_matches_the_dequantized_weights(bf16_lib, qtype_name, m, n, bias):
+    from inferd.models.layers.quant import q4_from_blocks
+    if not kernels.has_amx(bf16_lib):
+        pytest.skip("no AMX on this CPU (or the kernel refused the tile state)")
+    qtype, blocks, dequant = gguf_q4_blocks(qtype_name, n, 576, seed=m)
+    q4 = q4_from_blocks(qtype, blocks)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 576, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    ours = kernels.gemm_q4_amx(bf16_lib, x, q4, b)
+    # the tiles hold the weights rounded to bf16, as the bf16 path's weights are
+    ref = x.double() @ dequant.bfloat16().double().T + (b.double() if bias else 0)
+    assert ours.shape == (m, n)
+    torch.testing.assert_close(ours.double(), ref, atol=2e-3, rtol=8e-3)

@@ -22,8 +22,13 @@ Q4_MAX_ROWS = 3
 when the layer has GGUF blocks: against oneDNN's bf16 matmul on SmolLM2's layer shapes
 (benchmarks/linear_small_m.py, best of 3, noisy machine) 2.0-2.8x faster at 1-2 rows,
 1.2-1.4x at 3, even at 4, slower from there on, where oneDNN's AMX kernels win."""
+Q4_AMX_MAX_ROWS = 32
+"""From Q4_MAX_ROWS + 1 rows up to this many, layers with GGUF blocks run them on AMX tiles
+dequantized on the fly (csrc/gemm_amx.cpp): 1.1-1.5x oneDNN's bf16 matmul at 4-32 rows on the
+same layer shapes (the dequantization, not the arithmetic, is its bound), 0.9x at 64, so
+larger steps (prefill chunks, big batches) stay on oneDNN."""
 _BF16_GEMV_MAX_ROWS = 2  # the bf16 skinny matmul beats oneDNN's only for 1-2 rows
-_SMALL_M_ROWS = max(Q4_MAX_ROWS, _BF16_GEMV_MAX_ROWS)
+_SMALL_M_ROWS = max(Q4_AMX_MAX_ROWS, _BF16_GEMV_MAX_ROWS)
 
 
 class Linear(nn.Module):
@@ -48,14 +53,18 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def _small_m(self, x: torch.Tensor) -> torch.Tensor | None:
-        """A few bf16 rows through inferd's CPU kernels, which stream the weights at memory
-        speed (4-bit blocks when the GGUF had them, else the plain bf16 weight if this layer
-        kept one); None when neither applies."""
+        """A few bf16 rows (a decode step) through inferd's CPU kernels: the GGUF's 4-bit
+        blocks when this layer has them (skinny kernel, or AMX tiles from 4 rows up), else the
+        plain bf16 weight if this layer kept one; None when none applies."""
         from inferd.kernels import cpu as kernels
         if self._q4 is not None:
             lib = kernels.for_tensor(x)
-            if lib is not None and x.shape[0] <= Q4_MAX_ROWS:
+            if lib is None:
+                return None
+            if x.shape[0] <= Q4_MAX_ROWS:
                 return kernels.gemv_q4(lib, x, self._q4, self.bias)
+            if kernels.has_amx(lib):
+                return kernels.gemm_q4_amx(lib, x, self._q4, self.bias)
         elif self.weight is not None and x.shape[0] <= _BF16_GEMV_MAX_ROWS \
                 and self.weight.dtype == torch.bfloat16:
             lib = kernels.for_tensor(x)

@@ -35,7 +35,7 @@ from torch import nn
 from dataclasses import dataclass
 
 from inferd.config import ConfigError
-from inferd.models.layers.linear import Q4_MAX_ROWS, Linear, MergedLinear
+from inferd.models.layers.linear import Q4_AMX_MAX_ROWS, Linear, MergedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def q4_from_blocks(qtype, blocks: torch.Tensor) -> Q4Weights:
 
 def attach_gguf_q4(model: nn.Module, raw: dict, stacked: list[tuple[str, str, int]]) -> int:
     """Give each bf16 CPU `Linear` whose checkpoint weights were all Q4_0/Q4_1 in the GGUF
-    (`GGUFModel.iter_weights(raw_q4=...)`) those blocks, for inputs of up to Q4_MAX_ROWS
+    (`GGUFModel.iter_weights(raw_q4=...)`) those blocks, for inputs of up to Q4_AMX_MAX_ROWS
     rows; returns how
     many layers got them. A fused layer (qkv, gate/up) qualifies when every one of its HF
     projections did; their rows stack in shard order, as the float weight's do."""

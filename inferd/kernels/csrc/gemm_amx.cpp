@@ -1,0 +1,214 @@
+// Matmuls of decode batches (a few to a few dozen rows) against a GGUF's 4-bit blocks, on AMX.
+//
+// Why: from 4 rows up, the skinny kernels (gemv.cpp) become compute-bound, and oneDNN's bf16
+// kernels are bound by reading bf16 weights (~11-18 GB/s here). Dequantizing the 4-bit blocks
+// into bf16 tiles on the fly reads 2.8x fewer bytes, and AMX makes the arithmetic nearly free.
+//
+// Shape of the computation, per thread (a range of 32-row weight panels):
+//   C^T [16 n x 16 m] += A [16 n x 32 k] . B [32 k x 16 m]   (tdpbf16ps, fp32 accumulation)
+// A is a tile of a row-major panel of 32 weight rows, dequantized once per call: each 32-value
+// block goes through a 16-entry table (bf16(d q + m) for q = 0..15, computed as the float
+// dequantizer computes it, so these are the very weights the bf16 path loads). B is x in
+// AMX's pair layout (row r of block b holds (x[m][32b + 2r], x[m][32b + 2r + 1]) for 16 m),
+// transposed once per call and shared by all threads. C^T tiles transpose back on the way
+// out. Four accumulators: 2 weight tiles x 2 x tiles. Weights are the big operand, so they
+// are the one never transposed.
+#include "common.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define INFERD_HAS_AMX 1
+#endif
+
+namespace inferd {
+namespace {
+
+#if defined(INFERD_HAS_AMX)
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void configure_tiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {  // every tile 16 rows x 64 bytes
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// In place: r[i] lane j <-> r[j] lane i, for 16 x 16 32-bit lanes.
+inline void transpose16(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {  // 128-bit lanes: (0 4 8 12) (1 5 9 13) ...
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// Rows [n, n + 32) of the weights, all K, as bf16, row-major: panel[r][k] (rows past N are
+// zero). Blocks are read and rows written in order, one stream each.
+void build_panel(bf16* panel, const uint8_t* qs, const float* d, const float* m, int64_t n,
+                 int64_t N, int64_t nb) {
+  const __m256i low4 = _mm256_set1_epi16(0x0f);
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  if (n + 32 < N) {  // the next panel's blocks, while this one is built
+    const char* ahead = reinterpret_cast<const char*>(qs + (n + 32) * nb * 16);
+    for (int64_t off = 0; off < 32 * nb * 16; off += 64) __builtin_prefetch(ahead + off);
+  }
+  for (int64_t r = 0; r < 32; ++r) {
+    const int64_t row = n + r;
+    bf16* dst = panel + r * nb * 32;
+    if (row >= N) {
+      std::memset(dst, 0, nb * 32 * sizeof(bf16));
+      continue;
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t blk = row * nb + b;
+      // the block's 16 possible values, d * q + m in fp32 (two roundings), rounded to bf16
+      const __m512 vals = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(d[blk]), iota),
+                                        _mm512_set1_ps(m[blk]));
+      const __m512i table = _mm512_castsi256_si512(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(vals)));
+      const __m256i w16 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + blk * 16)));
+      const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(w16, low4)),
+                                             _mm256_srli_epi16(w16, 4), 1);
+      _mm512_storeu_si512(dst + b * 32, _mm512_permutexvar_epi16(idx, table));
+    }
+  }
+}
+#endif
+
+}  // namespace
+}  // namespace inferd
+
+using namespace inferd;
+
+extern "C" {
+
+// 1 when AMX is built in and the kernel granted this process the tile state, else 0.
+int inferd_amx_init() {
+#if defined(INFERD_HAS_AMX)
+  static int ok = -1;
+  if (ok < 0) {
+    constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
+    ok = syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0 ? 1 : 0;
+  }
+  return ok;
+#else
+  return 0;
+#endif
+}
+
+// y [M, N] bf16 (row stride ldy) = x [M, K] bf16 (row stride ldx) . W^T + bias, W as 4-bit
+// blocks (qs uint8 [N, K/32, 16], d and m float32 [N, K/32]); K a multiple of 32. Call only
+// after inferd_amx_init() returned 1.
+void inferd_gemm_q4_amx(void* y, int64_t ldy, const void* x, int64_t ldx, const uint8_t* qs,
+                        const float* d, const float* m, const void* bias, int64_t M, int64_t N,
+                        int64_t K) {
+#if defined(INFERD_HAS_AMX)
+  const int64_t nb = K / 32, mt = (M + 15) / 16, npanels = (N + 31) / 32;
+  const bf16* xb = static_cast<const bf16*>(x);
+  const bf16* bb = static_cast<const bf16*>(bias);
+  bf16* yb = static_cast<bf16*>(y);
+  // x in pair layout: xt[t][b] = 16 rows (k pairs) x 16 lanes (x rows 16 t .. 16 t + 15)
+  std::vector<__m512i> xt(mt * nb * 16);
+  for (int64_t t = 0; t < mt; ++t)
+    for (int64_t b = 0; b < nb; ++b) {
+      __m512i rows[16];
+      for (int j = 0; j < 16; ++j)
+        rows[j] = 16 * t + j < M ? _mm512_loadu_si512(xb + (16 * t + j) * ldx + 32 * b)
+                                 : _mm512_setzero_si512();
+      transpose16(rows);
+      for (int r = 0; r < 16; ++r) xt[(t * nb + b) * 16 + r] = rows[r];
+    }
+#pragma omp parallel
+  {
+    configure_tiles();
+    std::vector<bf16> panel(32 * K);
+    alignas(64) float c[4][16][16];
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < npanels; ++p) {
+      const int64_t n = p * 32;
+      build_panel(panel.data(), qs, d, m, n, N, nb);
+      __m512 bias_v[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+      if (bb)
+        for (int h = 0; h < 2; ++h) {
+          alignas(64) bf16 tmp[16] = {};
+          const int64_t col = n + 16 * h, cnt = std::max<int64_t>(0, std::min<int64_t>(16, N - col));
+          std::memcpy(tmp, bb + std::min(col, N), cnt * sizeof(bf16));
+          bias_v[h] = load16(tmp);
+        }
+      for (int64_t t0 = 0; t0 < mt; t0 += 2) {
+        const bool two = t0 + 1 < mt;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t b = 0; b < nb; ++b) {
+          _tile_loadd(4, panel.data() + b * 32, K * 2);
+          _tile_loadd(5, panel.data() + 16 * K + b * 32, K * 2);
+          _tile_loadd(6, xt.data() + (t0 * nb + b) * 16, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 5, 6);
+          if (two) {
+            _tile_loadd(7, xt.data() + ((t0 + 1) * nb + b) * 16, 64);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        _tile_stored(0, c[0], 64);
+        _tile_stored(1, c[1], 64);
+        if (two) {
+          _tile_stored(2, c[2], 64);
+          _tile_stored(3, c[3], 64);
+        }
+        // c[2 dt + h][r][j]: weight row n + 16 h + r, x row 16 (t0 + dt) + j -> transposed
+        for (int dt = 0; dt < (two ? 2 : 1); ++dt)
+          for (int h = 0; h < 2; ++h) {
+            const int64_t col = n + 16 * h;
+            if (col >= N) break;
+            const __mmask16 k = N - col >= 16 ? 0xffff : static_cast<__mmask16>((1u << (N - col)) - 1);
+            __m512i rows[16];
+            for (int r = 0; r < 16; ++r) rows[r] = _mm512_load_si512(c[2 * dt + h][r]);
+            transpose16(rows);  // rows[j] = x row j's 16 outputs
+            for (int j = 0; j < 16; ++j) {
+              const int64_t row = (t0 + dt) * 16 + j;
+              if (row >= M) break;
+              const __m512 v = _mm512_add_ps(_mm512_castsi512_ps(rows[j]), bias_v[h]);
+              _mm256_mask_storeu_epi16(yb + row * ldy + col, k, bf16_bits(v));
+            }
+          }
+      }
+    }
+    _tile_release();
+  }
+#else
+  (void)y; (void)ldy; (void)x; (void)ldx; (void)qs; (void)d; (void)m; (void)bias; (void)M;
+  (void)N; (void)K;
+#endif
+}
+
+}  // extern "C"
