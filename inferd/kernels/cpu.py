@@ -54,6 +54,7 @@ _SIGNATURES = {
     "inferd_gemv_q4": ([_ptr, ctypes.c_int, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
                         _i64], None),
     "inferd_amx_init": ([], ctypes.c_int),
+    "inferd_decoder_layers": ([_ptr, _i64, _ptr, _ptr, _ptr], None),
     "inferd_gemm_q4_amx": ([_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
                            None),
 }

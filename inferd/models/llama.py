@@ -5,6 +5,9 @@
                 x = x + down(silu(gate(x)) * up(x))             on RMSNorm(x)
     logits = lm_head(RMSNorm(x))
 
+On CPU, a decode step of a model with GGUF 4-bit blocks runs all layers in one kernel call
+(`layers/fused_decode.py`); the layer modules below are the reference it reproduces.
+
 The variants differ only in a few switches (`DecoderSpec`): projection biases (Qwen2 has q/k/v
 biases) and per-head q/k RMSNorm (Qwen3). Parameter names follow the HF checkpoint except the
 fused `qkv_proj` and `gate_up_proj`, filled from q/k/v and gate/up through `LLAMA_STACKED`.
@@ -19,6 +22,7 @@ from torch import nn
 
 from inferd.attention.metadata import AttentionMetadata
 from inferd.models.layers.attention import Attention, SelfAttention
+from inferd.models.layers.fused_decode import FusedDecode
 from inferd.models.layers.linear import Embedding, Linear
 from inferd.models.layers.mlp import GatedMLP
 from inferd.models.layers.norm import RMSNorm
@@ -95,15 +99,27 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary_emb = RotaryEmbedding(head_dim_of(config), rope_parameters(config),
                                           config.max_position_embeddings, dtype)
+        self._fused: FusedDecode | None | bool = False  # False: not decided yet
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions)  # once per step, shared by all layers
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, meta)
+        fused = self._fused_decode()
+        if fused is not None and fused.applies(x, meta):
+            x, residual = fused.run(x, cos, sin, meta)  # every layer in one kernel call
+        else:
+            residual = None
+            for layer in self.layers:
+                x, residual = layer(x, residual, cos, sin, meta)
         return self.norm(x, residual)[0]
+
+    def _fused_decode(self) -> FusedDecode | None:
+        """Decided at the first forward: the 4-bit blocks are attached after loading."""
+        if self._fused is False:
+            on_cpu = self.norm.weight.device.type == "cpu"
+            self._fused = FusedDecode.for_model(self) if on_cpu else None
+        return self._fused
 
 
 class LlamaForCausalLM(nn.Module):

@@ -95,3 +95,40 @@ def test_bf16_greedy_tokens_are_near_argmax_under_fp32_reference(llm_bf16, smoll
         chosen = lp[torch.arange(len(ours)), torch.tensor(ours)]
         gap = lp.max(-1).values - chosen
         assert gap.max().item() <= BF16_MARGIN, (tok.decode(ours), gap.tolist())
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_fused_decode_gives_the_layer_by_layer_bits(llm_bf16, batch):
+    """All layers in one kernel call (fused_decode.py) against the module-by-module path on the
+    same engine: the same kernels in the same order, so the same tokens and logprobs exactly."""
+    model = llm_bf16.engine.core.runner.model.model
+    fused = model._fused_decode()
+    from inferd.kernels import cpu as kernels
+    lib = kernels.load()
+    if lib is None or not lib.inferd_has_gemv_bf16():
+        assert fused is None
+        pytest.skip("no 4-bit kernels on this CPU: nothing to fuse")
+    assert fused is not None
+    sp = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2)
+    convs = [[{"role": "user", "content": q}] for q in (QUESTIONS * 2)[:batch]]
+    calls = []
+    real_run = fused.run
+
+    def counting_run(*a, **kw):
+        calls.append(1)
+        return real_run(*a, **kw)
+
+    fused.run = counting_run
+    try:
+        with_fused = llm_bf16.chat(convs, sp)
+        assert len(calls) >= 23  # every decode step after the first token went through it
+        model._fused = None
+        layer_by_layer = llm_bf16.chat(convs, sp)
+    finally:
+        fused.run = real_run
+        model._fused = fused
+    for a, b in zip(with_fused, layer_by_layer):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        lp_a = [{t: lp.logprob for t, lp in d.items()} for d in a.outputs[0].logprobs]
+        lp_b = [{t: lp.logprob for t, lp in d.items()} for d in b.outputs[0].logprobs]
+        assert lp_a == lp_b

@@ -3,6 +3,7 @@
 // Why hand-written: torch has no paged attention on CPU. Its decode path had to gather every
 // sequence's K/V into a padded copy and run a masked SDPA whose CPU kernel is tuned for long
 // queries, not for one query per sequence; at 64 sequences that was half of a step.
+#include "api.h"
 #include "common.h"
 
 #include <type_traits>

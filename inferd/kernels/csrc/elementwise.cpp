@@ -2,6 +2,7 @@
 // add fused in), rotary embeddings, gated activations. Each reproduces torch's rounding for
 // 16-bit types step by step (compute in fp32, round where torch's eager ops round), so the
 // fused op gives the same bits as the op sequence it replaces, up to fp32 reduction order.
+#include "api.h"
 #include "common.h"
 
 #include <type_traits>

@@ -13,6 +13,7 @@
 // transposed once per call and shared by all threads. C^T tiles transpose back on the way
 // out. Four accumulators: 2 weight tiles x 2 x tiles. Weights are the big operand, so they
 // are the one never transposed.
+#include "api.h"
 #include "common.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)

@@ -5,6 +5,7 @@
 // is the speed the weights stream from memory. oneDNN's kernels read them at ~11 GB/s on this
 // machine for M <= 64 (packed or not); a plain row-streaming loop of vdpbf16ps reaches about
 // twice that, and needs no second, repacked copy of the weights.
+#include "api.h"
 #include "common.h"
 
 namespace inferd {
