@@ -76,9 +76,16 @@ void build_panel(bf16* panel, const uint8_t* qs, const float* d, const float* m,
                  int64_t N, int64_t nb) {
   const __m256i low4 = _mm256_set1_epi16(0x0f);
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  if (n + 32 < N) {  // the next panel's blocks, while this one is built
-    const char* ahead = reinterpret_cast<const char*>(qs + (n + 32) * nb * 16);
-    for (int64_t off = 0; off < 32 * nb * 16; off += 64) __builtin_prefetch(ahead + off);
+  if (n + 32 < N) {  // the next panel's blocks and scales, while this one is built
+    const int64_t rows = std::min<int64_t>(32, N - n - 32);
+    const char* q = reinterpret_cast<const char*>(qs + (n + 32) * nb * 16);
+    for (int64_t off = 0; off < rows * nb * 16; off += 64) __builtin_prefetch(q + off);
+    const char* dp = reinterpret_cast<const char*>(d + (n + 32) * nb);
+    const char* mp = reinterpret_cast<const char*>(m + (n + 32) * nb);
+    for (int64_t off = 0; off < rows * nb * 4; off += 64) {
+      __builtin_prefetch(dp + off);
+      __builtin_prefetch(mp + off);
+    }
   }
   for (int64_t r = 0; r < 32; ++r) {
     const int64_t row = n + r;
