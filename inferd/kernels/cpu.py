@@ -33,8 +33,10 @@ ABI_VERSION = 1
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # -ffp-contract=off: no fused multiply-adds the source did not write, so kernels that
 # replace torch op sequences round exactly as those ops do.
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC",
-          "-std=c++17"]
+_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+NATIVE = "native"
+"""-march for the library the engine loads; tests also build portable variants (x86-64-v2)
+to check the code paths other CPUs take."""
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 _SIGNATURES = {
@@ -86,25 +88,29 @@ def _sources() -> list[Path]:
     return sorted(CSRC.glob("*.cpp"))
 
 
-def library_path(cxx: str) -> Path:
+def _flags(march: str) -> list[str]:
+    return [f"-march={march}", *_FLAGS]
+
+
+def library_path(cxx: str, march: str = NATIVE) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     code = [p.read_text() for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".h")]
-    key = hashlib.sha256("\0".join([*code, " ".join(_FLAGS), version,
+    key = hashlib.sha256("\0".join([*code, " ".join(_flags(march)), version,
                                     _cpu_flags()]).encode()).hexdigest()[:16]
     return _cache_dir() / f"cpu_kernels-{key}.so"
 
 
-def build(cxx: str) -> Path:
+def build(cxx: str, march: str = NATIVE) -> Path:
     """Compile the library unless this machine's build is cached; returns its path. The build
     goes to a temporary name first, so concurrent builders never load a half-written file."""
-    path = library_path(cxx)
+    path = library_path(cxx, march)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        res = subprocess.run([cxx, *_FLAGS, *map(str, _sources()), "-o", tmp],
+        res = subprocess.run([cxx, *_flags(march), *map(str, _sources()), "-o", tmp],
                              capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"{cxx} failed to build the CPU kernels:\n{res.stderr[-2000:]}")
@@ -113,6 +119,15 @@ def build(cxx: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def open_library(path: Path) -> ctypes.CDLL:
+    """A built library with every entry point's ctypes signature set."""
+    lib = ctypes.CDLL(str(path))
+    for name, (args, res) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return lib
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,13 +141,10 @@ def load() -> ctypes.CDLL | None:
         logger.warning("no C++ compiler found (set CXX): CPU kernels off, using torch ops")
         return None
     try:
-        lib = ctypes.CDLL(str(build(cxx)))
+        lib = open_library(build(cxx))
     except (OSError, RuntimeError) as e:
         logger.warning("CPU kernels unavailable, using torch ops: %s", e)
         return None
-    for name, (args, res) in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, res
     if lib.inferd_abi_version() != ABI_VERSION:
         logger.warning("CPU kernel library has a different ABI version: using torch ops")
         return None

@@ -16,12 +16,16 @@ from inferd.attention.metadata import build_attention_metadata
 from inferd.kernels import cpu as kernels
 
 
-@pytest.fixture(scope="module")
-def lib():
-    lib = kernels.load()
-    if lib is None:
+@pytest.fixture(scope="module", params=["native", "x86-64-v2"])
+def lib(request):
+    """The library the engine loads, and a portable build (no AVX-512): the scalar paths
+    every other CPU takes get the same checks."""
+    native = kernels.load()
+    if native is None:
         pytest.skip("CPU kernels unavailable (no C++ compiler)")
-    return lib
+    if request.param == "native":
+        return native
+    return kernels.open_library(kernels.build(kernels._compiler(), march=request.param))
 
 
 def paged_decode_case(heads, kv_heads, head_dim, contexts, dtype, block_size=16, seed=0):
