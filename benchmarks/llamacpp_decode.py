@@ -15,6 +15,17 @@ import json
 import time
 
 
+def _request_amx_permission() -> None:
+    """llama.cpp built with GGML_NATIVE on an AMX CPU runs tile instructions in its matmuls
+    without asking Linux for the AMX state first, and dies of SIGILL (llama-cpp-python 0.3.36).
+    Asking on its behalf (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA) before it loads fixes that;
+    on other CPUs the call fails harmlessly."""
+    import ctypes
+    import platform
+    if platform.machine() == "x86_64":
+        ctypes.CDLL(None, use_errno=True).syscall(158, 0x1023, 18)  # SYS_arch_prctl
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -22,6 +33,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    _request_amx_permission()
     from llama_cpp import Llama
 
     llm = Llama(args.model, n_ctx=2048, n_threads=args.threads, n_threads_batch=args.threads,

@@ -55,6 +55,8 @@ _SIGNATURES = {
                          None),
     "inferd_gemv_q4": ([_ptr, ctypes.c_int, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
                         _i64], None),
+    "inferd_gemv_q8": ([_ptr, ctypes.c_int, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64],
+                       None),
     "inferd_amx_init": ([], ctypes.c_int),
     "inferd_decoder_layers": ([_ptr, _i64, _ptr, _ptr, _ptr], None),
     "inferd_gemm_q4_amx": ([_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
@@ -283,30 +285,48 @@ def act_and_mul(lib: ctypes.CDLL, x: torch.Tensor, activation: str) -> torch.Ten
     return out
 
 
+def _matmul_out(x: torch.Tensor, n: int, k: int, bias: torch.Tensor | None, max_rows: int,
+                what: str) -> torch.Tensor:
+    """Checks shared by the matmul wrappers (x [M, K] bf16 rows, weight of N x k, optional
+    bf16 bias [N]); returns the bf16 output [M, N] to fill."""
+    m = x.shape[0]
+    _check(x.dim() == 2 and x.dtype == torch.bfloat16 and x.shape[1] == k and x.stride(1) == 1
+           and m <= max_rows and (bias is None or (bias.dtype == torch.bfloat16
+                                                   and bias.shape == (n,))), what)
+    return torch.empty(m, n, dtype=torch.bfloat16)
+
+
+def _addr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 def gemv_bf16(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor,
               bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] bf16 (M <= 8) @ weight [N, K] bf16 (+ bias) -> [M, N] bf16 (fp32 accumulation,
     rounded once, as oneDNN's bf16 linear)."""
-    m, k = x.shape
-    n = weight.shape[0]
-    _check(m <= 8 and weight.shape[1] == k and weight.is_contiguous() and x.stride(1) == 1
-           and (bias is None or (bias.dtype == torch.bfloat16 and bias.shape == (n,))), "gemv")
-    out = torch.empty(m, n, dtype=torch.bfloat16)
+    n, k = weight.shape
+    _check(weight.is_contiguous(), "gemv weight")
+    out = _matmul_out(x, n, k, bias, 8, "gemv")
     lib.inferd_gemv_bf16(out.data_ptr(), 0, n, x.data_ptr(), x.stride(0), weight.data_ptr(),
-                         None if bias is None else bias.data_ptr(), m, n, k)
+                         _addr(bias), out.shape[0], n, k)
     return out
 
 
 def gemv_q4(lib: ctypes.CDLL, x: torch.Tensor, q4, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] bf16 (M <= 8) @ W^T with W in 4-bit blocks (`quant.Q4Weights`) -> [M, N] bf16."""
-    m, k = x.shape
-    n = q4.qs.shape[0]
-    _check(m <= 8 and q4.qs.shape[1] * 32 == k and x.stride(1) == 1
-           and (bias is None or (bias.dtype == torch.bfloat16 and bias.shape == (n,))), "gemv_q4")
-    out = torch.empty(m, n, dtype=torch.bfloat16)
+    n, k = q4.shape
+    out = _matmul_out(x, n, k, bias, 8, "gemv_q4")
     lib.inferd_gemv_q4(out.data_ptr(), 0, n, x.data_ptr(), x.stride(0), q4.qs.data_ptr(),
-                       q4.d.data_ptr(), q4.m.data_ptr(), None if bias is None else bias.data_ptr(),
-                       m, n, k)
+                       q4.d.data_ptr(), q4.m.data_ptr(), _addr(bias), out.shape[0], n, k)
+    return out
+
+
+def gemv_q8(lib: ctypes.CDLL, x: torch.Tensor, q8, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] bf16 (M <= 8) @ W^T with W in Q8_0 blocks (`quant.Q8Weights`) -> [M, N] bf16."""
+    n, k = q8.shape
+    out = _matmul_out(x, n, k, bias, 8, "gemv_q8")
+    lib.inferd_gemv_q8(out.data_ptr(), 0, n, x.data_ptr(), x.stride(0), q8.qs.data_ptr(),
+                       q8.d.data_ptr(), _addr(bias), out.shape[0], n, k)
     return out
 
 
@@ -318,13 +338,9 @@ def has_amx(lib: ctypes.CDLL) -> bool:
 
 def gemm_q4_amx(lib: ctypes.CDLL, x: torch.Tensor, q4, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] bf16 @ W^T with W in 4-bit blocks, on AMX tiles -> [M, N] bf16. The caller has
-    checked `lib.inferd_amx_init()`."""
-    m, k = x.shape
-    n = q4.qs.shape[0]
-    _check(q4.qs.shape[1] * 32 == k and x.stride(1) == 1
-           and (bias is None or (bias.dtype == torch.bfloat16 and bias.shape == (n,))), "gemm_q4")
-    out = torch.empty(m, n, dtype=torch.bfloat16)
+    checked `has_amx(lib)`."""
+    n, k = q4.shape
+    out = _matmul_out(x, n, k, bias, 1 << 30, "gemm_q4")
     lib.inferd_gemm_q4_amx(out.data_ptr(), n, x.data_ptr(), x.stride(0), q4.qs.data_ptr(),
-                           q4.d.data_ptr(), q4.m.data_ptr(),
-                           None if bias is None else bias.data_ptr(), m, n, k)
+                           q4.d.data_ptr(), q4.m.data_ptr(), _addr(bias), out.shape[0], n, k)
     return out

@@ -30,8 +30,9 @@ from inferd.models.gguf_reader import GGUFError, GGUFHeader, TensorInfo, read_he
 
 __all__ = ["GGUFError", "GGUFModel", "TensorInfo", "read_header"]
 
-Q4_BLOCK_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
-"""Block types the CPU decode matmul reads as they are stored."""
+RAW_BLOCK_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
+                   GGMLQuantizationType.Q8_0)
+"""Block types the CPU decode matmuls read as they are stored."""
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -304,15 +305,15 @@ class GGUFModel:
 
     def iter_weights(self, dtype: torch.dtype = torch.float32,
                      names: Collection[str] | None = None,
-                     raw_q4: dict[str, tuple[GGMLQuantizationType, torch.Tensor]] | None = None,
+                     raw_blocks: dict[str, tuple[GGMLQuantizationType, torch.Tensor]] | None = None,
                      ) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF checkpoint name, dequantized tensor in `dtype`), one tensor at a time, in file order.
 
         `names` limits it to those HF names (a partial load or a spot check). Tied embeddings (no
         `output.weight`) yield no `lm_head.weight`, as an HF checkpoint with `tie_word_embeddings`
-        does not. With `raw_q4`, every 2-D Q4_0/Q4_1 weight also lands there undequantized, as
-        (type, blocks uint8 [rows, K / 32, type_size]) in HF row order: the CPU's 4-bit decode
-        matmul reads those blocks directly (`inferd.models.layers.quant.attach_gguf_q4`).
+        does not. With `raw_blocks`, every 2-D Q4_0/Q4_1/Q8_0 weight also lands there
+        undequantized, as (type, blocks uint8 [rows, K / 32, type_size]) in HF row order: the
+        CPU's decode matmuls read those blocks directly (`quant.attach_gguf_blocks`).
         """
         with open(self.path, "rb") as f:
             for info, hf_name, transform in self._plan:
@@ -322,10 +323,10 @@ class GGUFModel:
                     raw = self._read_raw(info, f)
                     weight = gguf_quants.dequantize(raw, info.qtype, info.n_elements)
                     weight = transform(weight.reshape(info.shape)).to(dtype).contiguous()
-                if raw_q4 is not None and info.qtype in Q4_BLOCK_TYPES and len(info.shape) == 2:
+                if raw_blocks is not None and info.qtype in RAW_BLOCK_TYPES and len(info.shape) == 2:
                     rows, k = info.shape
                     blocks = raw.view(rows, k // 32, -1)
-                    raw_q4[hf_name] = (info.qtype, transform(blocks).contiguous())
+                    raw_blocks[hf_name] = (info.qtype, transform(blocks).contiguous())
                 yield hf_name, weight  # outside the `with`: the consumer runs on the usual threads
 
     def weight_names(self) -> dict[str, str]:

@@ -159,27 +159,27 @@ def _count_safetensors(model_dir: Path) -> int:
 
 
 def _weight_source(model_path: Path, dtype: torch.dtype | None = None,
-                   raw_q4: dict | None = None) -> tuple[Weights, int | None]:
+                   raw_blocks: dict | None = None) -> tuple[Weights, int | None]:
     if model_path.suffix == ".gguf":
         from inferd.models.gguf import GGUFModel
 
         gguf = GGUFModel(model_path)
         names = getattr(gguf, "weight_names", None)
         # Dequantize straight to the runtime dtype: no fp32 copy of every tensor on the way.
-        kw = {} if raw_q4 is None else {"raw_q4": raw_q4}
+        kw = {} if raw_blocks is None else {"raw_blocks": raw_blocks}
         return (gguf.iter_weights(dtype or torch.float32, **kw),
                 len(names()) if callable(names) else None)
     return iter_safetensors_weights(model_path), _count_safetensors(model_path)
 
 
 def load_checkpoint(model: nn.Module, model_path: Path, dtype: torch.dtype | None = None,
-                    raw_q4: dict | None = None) -> None:
-    """Stream a checkpoint's tensors into `model.load_weights`, with a progress bar. `raw_q4`
-    collects a GGUF's 4-bit blocks as they stream past (see `GGUFModel.iter_weights`)."""
+                    raw_blocks: dict | None = None) -> None:
+    """Stream a checkpoint's tensors into `model.load_weights`, with a progress bar.
+    `raw_blocks` collects a GGUF's Q4/Q8 blocks as they stream past (`GGUFModel.iter_weights`)."""
     from tqdm.auto import tqdm
 
     model_path = Path(model_path)
-    weights, total = _weight_source(model_path, dtype, raw_q4)
+    weights, total = _weight_source(model_path, dtype, raw_blocks)
     progress = tqdm(weights, total=total, desc=f"Loading {model_path.name}", unit="tensor",
                     leave=False)
     try:
@@ -188,7 +188,7 @@ def load_checkpoint(model: nn.Module, model_path: Path, dtype: torch.dtype | Non
         progress.close()
 
 
-def _cpu_q4_kernel() -> bool:
+def _cpu_block_kernels() -> bool:
     from inferd.kernels import cpu as kernels
     lib = kernels.load()
     return lib is not None and bool(lib.inferd_has_gemv_bf16())
@@ -209,20 +209,19 @@ def load_model(model_path: Path, hf_config: Any, dtype: torch.dtype, device: str
             model = build()
         else:
             model = get_model_class(architectures_of(hf_config))(hf_config, dtype=dtype)
-    # bf16 on CPU keeps a GGUF's 4-bit blocks beside the float weights: decode steps of a few
-    # sequences read those (2.8x fewer bytes), larger batches the bf16 copy through oneDNN.
-    raw_q4 = {} if (device.type == "cpu" and dtype == torch.bfloat16 and quantization is None
-                    and Path(model_path).suffix == ".gguf" and _cpu_q4_kernel()) else None
-    load_checkpoint(model, Path(model_path), dtype, raw_q4)
+    # bf16 on CPU keeps a GGUF's Q4/Q8 blocks beside the float weights: decode steps of a few
+    # sequences read those (2-2.8x fewer bytes), larger batches the bf16 copy through oneDNN.
+    raw_blocks = {} if (device.type == "cpu" and dtype == torch.bfloat16 and quantization is None
+                        and Path(model_path).suffix == ".gguf" and _cpu_block_kernels()) else None
+    load_checkpoint(model, Path(model_path), dtype, raw_blocks)
     model = model.to(device).eval()
-    if raw_q4:
-        from inferd.models.layers.quant import Q4_AMX_MAX_ROWS, attach_gguf_q4
+    if raw_blocks:
+        from inferd.models.layers.quant import attach_gguf_blocks
         from inferd.models.layers.weights import LLAMA_STACKED
 
-        n = attach_gguf_q4(model, raw_q4, LLAMA_STACKED)
-        logger.info("%d linear layers read their GGUF 4-bit blocks directly for steps of up "
-                    "to %d tokens", n, Q4_AMX_MAX_ROWS)
-        raw_q4.clear()
+        n = attach_gguf_blocks(model, raw_blocks, LLAMA_STACKED)
+        logger.info("%d linear layers read their GGUF blocks directly in decode steps", n)
+        raw_blocks.clear()
     if quantization is not None:
         from inferd.models.layers.quant import quantize_model
 

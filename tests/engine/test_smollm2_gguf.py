@@ -70,6 +70,7 @@ def test_bf16_decode_path_uses_4bit_blocks_when_the_cpu_has_the_kernel(llm_bf16)
         assert n == 0
     else:  # q/k/v, o, gate/up and down of every layer are Q4_1 in this file
         assert n == 4 * model.config.num_hidden_layers
+        assert model.lm_head._q8 is not None  # the tied head: the Q8_0 embedding table
 
 
 @pytest.mark.parametrize("batch", [1, 3, 6])  # 4-bit skinny kernel for 1-3 rows, AMX for 6

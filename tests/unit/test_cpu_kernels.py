@@ -242,7 +242,7 @@ def test_gemv_bf16_matches_linear(bf16_lib, m, n, k, bias):
     torch.testing.assert_close(ours.float(), F.linear(x, w, b).float(), atol=0.05, rtol=1e-2)
 
 
-def gguf_q4_blocks(qtype_name, n, k, seed=0):
+def gguf_blocks(qtype_name, n, k, seed=0):
     """Real GGUF blocks from gguf's own quantizer, with its dequantized weights."""
     import numpy as np
     from gguf import GGMLQuantizationType, quants
@@ -257,7 +257,7 @@ def gguf_q4_blocks(qtype_name, n, k, seed=0):
 @pytest.mark.parametrize("qtype_name", ["Q4_0", "Q4_1"])
 def test_q4_blocks_split_to_the_same_weights(qtype_name):
     from inferd.models.layers.quant import q4_from_blocks
-    qtype, blocks, dequant = gguf_q4_blocks(qtype_name, 24, 96)
+    qtype, blocks, dequant = gguf_blocks(qtype_name, 24, 96)
     q4 = q4_from_blocks(qtype, blocks)
     q = torch.cat([q4.qs & 0x0F, q4.qs >> 4], dim=-1).float()  # [n, nb, 32], element order
     w = (q4.d[..., None] * q + q4.m[..., None]).reshape(24, 96)
@@ -269,7 +269,7 @@ def test_q4_blocks_split_to_the_same_weights(qtype_name):
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemv_q4_matches_the_dequantized_weights(bf16_lib, qtype_name, m, bias):
     from inferd.models.layers.quant import q4_from_blocks
-    qtype, blocks, dequant = gguf_q4_blocks(qtype_name, 200, 576, seed=m)
+    qtype, blocks, dequant = gguf_blocks(qtype_name, 200, 576, seed=m)
     q4 = q4_from_blocks(qtype, blocks)
     g = torch.Generator().manual_seed(m)
     x = torch.randn(m, 576, generator=g).bfloat16()
@@ -288,7 +288,7 @@ def test_gemm_q4_amx_matches_the_dequantized_weights(bf16_lib, qtype_name, m, n,
     from inferd.models.layers.quant import q4_from_blocks
     if not kernels.has_amx(bf16_lib):
         pytest.skip("no AMX on this CPU (or the kernel refused the tile state)")
-    qtype, blocks, dequant = gguf_q4_blocks(qtype_name, n, 576, seed=m)
+    qtype, blocks, dequant = gguf_blocks(qtype_name, n, 576, seed=m)
     q4 = q4_from_blocks(qtype, blocks)
     g = torch.Generator().manual_seed(m)
     x = torch.randn(m, 576, generator=g).bfloat16()
@@ -297,4 +297,20 @@ def test_gemm_q4_amx_matches_the_dequantized_weights(bf16_lib, qtype_name, m, n,
     # the tiles hold the weights rounded to bf16, as the bf16 path's weights are
     ref = x.double() @ dequant.bfloat16().double().T + (b.double() if bias else 0)
     assert ours.shape == (m, n)
+    torch.testing.assert_close(ours.double(), ref, atol=2e-3, rtol=8e-3)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_q8_matches_the_dequantized_weights(bf16_lib, m, bias):
+    from inferd.models.layers.quant import q8_from_blocks
+    qtype, blocks, dequant = gguf_blocks("Q8_0", 300, 576, seed=m)
+    q8 = q8_from_blocks(blocks)
+    w = (q8.d[..., None] * q8.qs.float()).reshape(300, 576)
+    torch.testing.assert_close(w, dequant, atol=1e-6, rtol=1e-6)  # the split is exact
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 576, generator=g).bfloat16()
+    b = torch.randn(300, generator=g).bfloat16() if bias else None
+    ours = kernels.gemv_q8(bf16_lib, x, q8, b)
+    ref = x.double() @ dequant.double().T + (b.double() if bias else 0)
     torch.testing.assert_close(ours.double(), ref, atol=2e-3, rtol=8e-3)

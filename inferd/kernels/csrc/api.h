@@ -27,6 +27,9 @@ void inferd_gemv_bf16(void* y, int y_is_f32, int64_t ldy, const void* x, int64_t
 void inferd_gemv_q4(void* y, int y_is_f32, int64_t ldy, const void* x, int64_t ldx,
                     const uint8_t* qs, const float* d, const float* m, const void* bias, int64_t M,
                     int64_t N, int64_t K);
+void inferd_gemv_q8(void* y, int y_is_f32, int64_t ldy, const void* x, int64_t ldx,
+                    const int8_t* qs, const float* d, const void* bias, int64_t M, int64_t N,
+                    int64_t K);
 int inferd_amx_init();
 void inferd_gemm_q4_amx(void* y, int64_t ldy, const void* x, int64_t ldx, const uint8_t* qs,
                         const float* d, const float* m, const void* bias, int64_t M, int64_t N,

@@ -157,7 +157,7 @@ void inferd_gemm_q4_amx(void* y, int64_t ldy, const void* x, int64_t ldx, const 
     configure_tiles();
     std::vector<bf16> panel(32 * K);
     alignas(64) float c[4][16][16];
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)  // a descheduled thread must not hold up the other
     for (int64_t p = 0; p < npanels; ++p) {
       const int64_t n = p * 32;
       build_panel(panel.data(), qs, d, m, n, N, nb);

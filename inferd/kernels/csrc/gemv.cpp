@@ -11,6 +11,8 @@
 namespace inferd {
 namespace {
 
+constexpr int64_t kRowChunk = 64;  // weight rows per unit of work for the 4/8-bit kernels
+
 #if defined(__AVX512BF16__)
 // Rows [n0, n1) of y for M rows of x, R weight rows at a time (M * R <= 16 accumulators, in
 // registers). Each weight row streams once; the next group's rows are prefetched ahead of use.
@@ -133,6 +135,44 @@ void gemv_q4_rows(float* y32, bf16* y16, int64_t ldy, const bf16* x, int64_t ldx
 }
 #endif
 
+#if defined(__AVX512BF16__)
+// Rows [n0, n1) of y from GGUF Q8_0 blocks: w[n, 32b + j] = d[n, b] * q (q int8, exact in
+// bf16), so x . w_row = sum_b d_b (x_b . q_b), one vdpbf16ps per block.
+template <int M>
+void gemv_q8_rows(float* y32, bf16* y16, int64_t ldy, const bf16* x, int64_t ldx,
+                  const int8_t* qs, const float* d, const bf16* bias, int64_t nb, int64_t n0,
+                  int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* qrow = qs + n * nb * 32;
+    const float* drow = d + n * nb;
+    if (n + 2 < n1) {
+      const char* ahead = reinterpret_cast<const char*>(qrow + 2 * nb * 32);
+      for (int64_t off = 0; off < nb * 32; off += 64) __builtin_prefetch(ahead + off);
+    }
+    __m512 acc[M][2];
+    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const int8_t* q = qrow + b * 32;
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
+      const __m512bh qv = _mm512_cvtne2ps_pbh(hi, lo);
+      const __m512 db = _mm512_set1_ps(drow[b]);
+      for (int m = 0; m < M; ++m) {
+        const __m512 part = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv, reinterpret_cast<__m512bh>(
+                                                 _mm512_loadu_si512(x + m * ldx + 32 * b)));
+        acc[m][b & 1] = _mm512_fmadd_ps(db, part, acc[m][b & 1]);
+      }
+    }
+    const float bv = bias ? to_float(bias[n]) : 0.f;
+    for (int m = 0; m < M; ++m) {
+      const float v = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + bv;
+      if (y32) y32[m * ldy + n] = to_float(from_float<bf16>(v));
+      else y16[m * ldy + n] = from_float<bf16>(v);
+    }
+  }
+}
+#endif
+
 }  // namespace
 }  // namespace inferd
 
@@ -160,22 +200,18 @@ void inferd_gemv_bf16(void* y, int y_is_f32, int64_t ldy, const void* x, int64_t
   const bf16* bb = static_cast<const bf16*>(bias);
   float* y32 = y_is_f32 ? static_cast<float*>(y) : nullptr;
   bf16* y16 = y_is_f32 ? nullptr : static_cast<bf16*>(y);
-  const int64_t groups = (N + 15) / 16;
-#pragma omp parallel
-  {
-    const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    // 16-row groups, so every thread's range starts on a whole group of every R
-    const int64_t g0 = groups * tid / nt, g1 = groups * (tid + 1) / nt;
-    const int64_t n0 = g0 * 16, n1 = std::min(N, g1 * 16);
-    if (n0 < n1) {
-      switch (M) {
+  // 64-row chunks handed out dynamically (see inferd_gemv_q4); a multiple of every R
+  const int64_t chunks = (N + kRowChunk - 1) / kRowChunk;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t n0 = c * kRowChunk, n1 = std::min(N, n0 + kRowChunk);
+    switch (M) {
 #define INFERD_GEMV(m) \
   case m: gemv_rows<m, (m == 1 ? 16 : m == 2 ? 8 : m <= 4 ? 4 : 2)>(y32, y16, ldy, xb, ldx, wb, K, bb, n0, n1); break;
-        INFERD_GEMV(1) INFERD_GEMV(2) INFERD_GEMV(3) INFERD_GEMV(4)
-        INFERD_GEMV(5) INFERD_GEMV(6) INFERD_GEMV(7) INFERD_GEMV(8)
+      INFERD_GEMV(1) INFERD_GEMV(2) INFERD_GEMV(3) INFERD_GEMV(4)
+      INFERD_GEMV(5) INFERD_GEMV(6) INFERD_GEMV(7) INFERD_GEMV(8)
 #undef INFERD_GEMV
-        default: break;
-      }
+      default: break;
     }
   }
 #else
@@ -201,10 +237,12 @@ void inferd_gemv_q4(void* y, int y_is_f32, int64_t ldy, const void* x, int64_t l
   float* y32 = y_is_f32 ? static_cast<float*>(y) : nullptr;
   bf16* y16 = y_is_f32 ? nullptr : static_cast<bf16*>(y);
   const bf16* bb = static_cast<const bf16*>(bias);
-#pragma omp parallel
-  {
-    const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int64_t n0 = N * tid / nt, n1 = N * (tid + 1) / nt;
+  // Rows in dynamic chunks: on a shared machine one thread is often descheduled for a while,
+  // and a static half-and-half split would make every call wait for it.
+  const int64_t chunk = kRowChunk, chunks = (N + chunk - 1) / chunk;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
     switch (M) {
 #define INFERD_GEMV(mm_) \
   case mm_: gemv_q4_rows<mm_>(y32, y16, ldy, xb, ldx, sx.data(), qs, d, m, bb, nb, n0, n1); break;
@@ -217,6 +255,35 @@ void inferd_gemv_q4(void* y, int y_is_f32, int64_t ldy, const void* x, int64_t l
 #else
   (void)y; (void)y_is_f32; (void)ldy; (void)x; (void)ldx; (void)qs; (void)d; (void)m; (void)bias;
   (void)M; (void)N; (void)K;
+#endif
+}
+
+// As inferd_gemv_q4 with Q8_0 blocks: qs int8 [N, K/32, 32], d float32 [N, K/32].
+void inferd_gemv_q8(void* y, int y_is_f32, int64_t ldy, const void* x, int64_t ldx,
+                    const int8_t* qs, const float* d, const void* bias, int64_t M, int64_t N,
+                    int64_t K) {
+#if defined(__AVX512BF16__)
+  const bf16* xb = static_cast<const bf16*>(x);
+  float* y32 = y_is_f32 ? static_cast<float*>(y) : nullptr;
+  bf16* y16 = y_is_f32 ? nullptr : static_cast<bf16*>(y);
+  const bf16* bb = static_cast<const bf16*>(bias);
+  const int64_t nb = K / 32;
+  const int64_t chunk = kRowChunk, chunks = (N + chunk - 1) / chunk;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+    switch (M) {
+#define INFERD_GEMV(mm_) \
+  case mm_: gemv_q8_rows<mm_>(y32, y16, ldy, xb, ldx, qs, d, bb, nb, n0, n1); break;
+      INFERD_GEMV(1) INFERD_GEMV(2) INFERD_GEMV(3) INFERD_GEMV(4)
+      INFERD_GEMV(5) INFERD_GEMV(6) INFERD_GEMV(7) INFERD_GEMV(8)
+#undef INFERD_GEMV
+      default: break;
+    }
+  }
+#else
+  (void)y; (void)y_is_f32; (void)ldy; (void)x; (void)ldx; (void)qs; (void)d; (void)bias; (void)M;
+  (void)N; (void)K;
 #endif
 }
 

@@ -2,7 +2,7 @@
 
 A decode step of a few sequences runs ~12 small ops per layer, and from Python each costs
 10-30 us of interpreter and wrapper time here, about what the arithmetic costs. When a
-Llama-family model has every linear's GGUF 4-bit blocks (`quant.attach_gguf_q4`), a pure
+Llama-family model has every linear's GGUF 4-bit blocks (`quant.attach_gguf_blocks`), a pure
 decode step of up to Q4_AMX_MAX_ROWS sequences runs the same kernels back to back in C
 instead, so both paths give the same bits. Anything else (prefill chunks, fp32, models without
 4-bit blocks, soft-capping, Gemma's norms) keeps the layer-by-layer path.

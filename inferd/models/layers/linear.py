@@ -40,8 +40,10 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
         self._packed: torch.Tensor | None = None  # oneDNN's copy of the weight (CPU)
         self._weight_dtype = dtype  # survives prepack_linears dropping `weight`
-        # GGUF Q4_0/Q4_1 blocks of the weight (quant.Q4Weights), for decode steps of a few rows
+        # GGUF blocks of the weight for decode steps of a few rows: Q4_0/Q4_1 (quant.Q4Weights)
+        # or Q8_0 (quant.Q8Weights, e.g. a tied LM head's embedding table)
         self._q4 = None
+        self._q8 = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.shape[0] <= _SMALL_M_ROWS and x.dtype == torch.bfloat16:
@@ -54,8 +56,9 @@ class Linear(nn.Module):
 
     def _small_m(self, x: torch.Tensor) -> torch.Tensor | None:
         """A few bf16 rows (a decode step) through inferd's CPU kernels: the GGUF's 4-bit
-        blocks when this layer has them (skinny kernel, or AMX tiles from 4 rows up), else the
-        plain bf16 weight if this layer kept one; None when none applies."""
+        blocks when this layer has them (skinny kernel, or AMX tiles from 4 rows up), its Q8_0
+        blocks (skinny), else the plain bf16 weight if this layer kept one; None when none
+        applies."""
         from inferd.kernels import cpu as kernels
         if self._q4 is not None:
             lib = kernels.for_tensor(x)
@@ -65,6 +68,10 @@ class Linear(nn.Module):
                 return kernels.gemv_q4(lib, x, self._q4, self.bias)
             if kernels.has_amx(lib):
                 return kernels.gemm_q4_amx(lib, x, self._q4, self.bias)
+        elif self._q8 is not None:
+            lib = kernels.for_tensor(x)
+            if lib is not None and x.shape[0] <= Q4_MAX_ROWS:
+                return kernels.gemv_q8(lib, x, self._q8, self.bias)
         elif self.weight is not None and x.shape[0] <= _BF16_GEMV_MAX_ROWS \
                 and self.weight.dtype == torch.bfloat16:
             lib = kernels.for_tensor(x)

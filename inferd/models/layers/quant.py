@@ -264,30 +264,66 @@ def q4_from_blocks(qtype, blocks: torch.Tensor) -> Q4Weights:
     return Q4Weights(qs.contiguous(), d.contiguous(), m.contiguous())
 
 
-def attach_gguf_q4(model: nn.Module, raw: dict, stacked: list[tuple[str, str, int]]) -> int:
-    """Give each bf16 CPU `Linear` whose checkpoint weights were all Q4_0/Q4_1 in the GGUF
-    (`GGUFModel.iter_weights(raw_q4=...)`) those blocks, for inputs of up to Q4_AMX_MAX_ROWS
-    rows; returns how
-    many layers got them. A fused layer (qkv, gate/up) qualifies when every one of its HF
-    projections did; their rows stack in shard order, as the float weight's do."""
+@dataclass
+class Q8Weights:
+    """A linear layer's weight as GGUF Q8_0 blocks: w[n, 32 b + j] = d[n, b] * qs[n, b, j]."""
+    qs: torch.Tensor  # int8 [N, K / 32, 32]
+    d: torch.Tensor   # float32 [N, K / 32]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qs.shape[0], self.qs.shape[1] * 32
+
+
+def q8_from_blocks(blocks: torch.Tensor) -> Q8Weights:
+    """GGUF Q8_0 blocks uint8 [N, K / 32, 34] (d fp16 | 32 x int8) -> Q8Weights."""
+    d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
+    return Q8Weights(blocks[..., 2:].contiguous().view(torch.int8), d.contiguous())
+
+
+def _sources(model: nn.Module, name: str, module: nn.Module,
+             stacked: list[tuple[str, str, int]]) -> list[str] | None:
+    """The HF checkpoint weights a layer's weight was loaded from, in row order."""
+    if isinstance(module, MergedLinear):
+        leaf = name.rsplit(".", 1)[-1]
+        parts = sorted((shard, part) for fused, part, shard in stacked if fused[1:-1] == leaf)
+        if len(parts) != len(module.out_sizes):
+            return None
+        return [f"{name.rsplit('.', 1)[0]}.{part.strip('.')}.weight" for _, part in parts]
+    if name == "lm_head" and getattr(model, "tie_word_embeddings", False):
+        return ["model.embed_tokens.weight"]  # a tied head: the GGUF stores only the table
+    return [f"{name}.weight"]
+
+
+def attach_gguf_blocks(model: nn.Module, raw: dict, stacked: list[tuple[str, str, int]]) -> int:
+    """Give each bf16 CPU `Linear` whose checkpoint weights were all Q4_0/Q4_1 (or all Q8_0)
+    in the GGUF (`GGUFModel.iter_weights(raw_blocks=...)`) those blocks, for decode steps of
+    up to Q4_AMX_MAX_ROWS rows (Q8: Q4_MAX_ROWS); returns how many layers got them. A fused
+    layer (qkv, gate/up) qualifies when every one of its HF projections did; their rows stack
+    in shard order, as the float weight's do."""
+    from inferd.models.gguf import GGMLQuantizationType as Q
     attached = 0
     for name, module in model.named_modules():
         if type(module) not in (Linear, MergedLinear) or module._weight_dtype != torch.bfloat16:
             continue
-        if isinstance(module, MergedLinear):
-            parts = sorted((shard, part) for fused, part, shard in stacked if fused[1:-1] == name.rsplit(".", 1)[-1])
-            sources = [f"{name.rsplit('.', 1)[0]}.{part.strip('.')}.weight" for _, part in parts]
-            if len(sources) != len(module.out_sizes):
-                continue
-        else:
-            sources = [f"{name}.weight"]
-        if not all(s in raw for s in sources):
+        sources = _sources(model, name, module, stacked)
+        if not sources or not all(s in raw for s in sources):
             continue
-        q4s = [q4_from_blocks(*raw[s]) for s in sources]
-        q4 = Q4Weights(*(torch.cat([getattr(w, f) for w in q4s]) for f in ("qs", "d", "m")))
-        if q4.shape != (module.out_features, module.in_features):
-            raise ValueError(f"{name}: 4-bit blocks of shape {q4.shape} for a "
+        types = {raw[s][0] for s in sources}
+        if types <= {Q.Q4_0, Q.Q4_1}:
+            parts = [q4_from_blocks(*raw[s]) for s in sources]
+            blocks = Q4Weights(*(torch.cat([getattr(w, f) for w in parts]) for f in ("qs", "d", "m")))
+        elif types == {Q.Q8_0}:
+            parts = [q8_from_blocks(raw[s][1]) for s in sources]
+            blocks = Q8Weights(*(torch.cat([getattr(w, f) for w in parts]) for f in ("qs", "d")))
+        else:
+            continue
+        if blocks.shape != (module.out_features, module.in_features):
+            raise ValueError(f"{name}: GGUF blocks of shape {blocks.shape} for a "
                              f"{module.out_features} x {module.in_features} layer")
-        module._q4 = q4
+        if isinstance(blocks, Q4Weights):
+            module._q4 = blocks
+        else:
+            module._q8 = blocks
         attached += 1
     return attached
