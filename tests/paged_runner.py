@@ -23,13 +23,14 @@ class PagedRunner:
     free: list[int] = field(default_factory=list)
     tables: dict[int, list[int]] = field(default_factory=dict)
     lens: dict[int, int] = field(default_factory=dict)  # tokens already in cache per sequence
+    dtype: torch.dtype = torch.float32  # of the KV cache: the model's
 
     def __post_init__(self) -> None:
         g = torch.Generator().manual_seed(0)
         self.free = torch.randperm(self.num_blocks, generator=g).tolist()
         for layer in self.model.attention_layers():
             layer.kv_cache = torch.zeros(2, self.num_blocks, self.block_size, layer.num_kv_heads,
-                                         layer.head_dim)
+                                         layer.head_dim, dtype=self.dtype)
 
     def step(self, chunks: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
         """chunks: (seq id, new token ids), decodes first. Returns logits [n_new, V] per chunk."""

@@ -132,8 +132,9 @@ ARCH_VECTORS = {
 
 
 def write_tiny(path: Path, arch: str = "llama", with_output: bool = True,
-               rope_freqs: np.ndarray | None = None) -> Path:
-    """A 2-layer model of `arch` whose matrices cycle through TINY_TYPES."""
+               rope_freqs: np.ndarray | None = None, types: list[Q] | None = None) -> Path:
+    """A 2-layer model of `arch` whose matrices cycle through `types` (default TINY_TYPES)."""
+    types = types or TINY_TYPES
     rng = np.random.default_rng(1)
     w = gguf.GGUFWriter(str(path), arch=arch)
     for add, value in ((w.add_block_count, N_LAYERS), (w.add_context_length, 128),
@@ -146,7 +147,7 @@ def write_tiny(path: Path, arch: str = "llama", with_output: bool = True,
         w.add_value_length(HEAD_DIM)
         w.add_sliding_window(16)
     for i, (name, shape) in enumerate(tiny_matrices(with_output).items()):
-        qtype = TINY_TYPES[i % len(TINY_TYPES)]
+        qtype = types[i % len(types)]
         data = encode(rng.standard_normal(shape).astype(np.float32), qtype, rng)
         w.add_tensor(name, data, raw_dtype=None if qtype in (Q.F32, Q.F16) else qtype)
     vectors = {"output_norm.weight": HIDDEN}

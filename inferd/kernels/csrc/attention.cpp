@@ -167,15 +167,12 @@ void decode_group_bf16(bf16* out, const bf16* q, const bf16* k_cache, const bf16
                      __m512bh qv[NP];
                      for (int c = 0; c < NP; ++c)
                        qv[c] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(q + g * D + 32 * c));
+                     // constant indices only (unrolled, guarded), so acc stays in registers
                      __m512 acc[16];
-                     for (int64_t r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
-                     if (m == 16) {
-                       for (int64_t r = 0; r < 16; ++r)
-                         for (int c = 0; c < NP; ++c)
-                           acc[r] = _mm512_dpbf16_ps(acc[r], qv[c], reinterpret_cast<__m512bh>(
-                               _mm512_loadu_si512(kj + r * row + 32 * c)));
-                     } else {
-                       for (int64_t r = 0; r < m; ++r)
+#pragma GCC unroll 16
+                     for (int r = 0; r < 16; ++r) {
+                       acc[r] = _mm512_setzero_ps();
+                       if (r < m)
                          for (int c = 0; c < NP; ++c)
                            acc[r] = _mm512_dpbf16_ps(acc[r], qv[c], reinterpret_cast<__m512bh>(
                                _mm512_loadu_si512(kj + r * row + 32 * c)));
