@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inferd.kernels import cpu as kernels
+
 
 Q4_MAX_ROWS = 3
 """Inputs of at most this many rows (decode steps of a few sequences) take the 4-bit kernel
@@ -59,7 +61,6 @@ class Linear(nn.Module):
         blocks when this layer has them (skinny kernel, or AMX tiles from 4 rows up), its Q8_0
         blocks (skinny), else the plain bf16 weight if this layer kept one; None when none
         applies."""
-        from inferd.kernels import cpu as kernels
         if self._q4 is not None:
             lib = kernels.for_tensor(x)
             if lib is None:

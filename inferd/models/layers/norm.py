@@ -18,12 +18,12 @@ from inferd.kernels import cpu as kernels
 
 
 class RMSNorm(nn.Module):
+    gemma = False  # where the weight enters (see the module doc); the kernel takes it as a flag
+
     def __init__(self, dim: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
-
-    gemma = False
 
     def _normed(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
