@@ -39,6 +39,10 @@ class StructuredOutputsParams:
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
     whitespace_pattern: str | None = None
+    start_after: list[int] | None = None
+    """Set by the server, never by a request: the grammar engages only once these token ids
+    have been generated (a reasoning model's `</think>`), so it constrains the answer and not
+    the thinking before it, as vLLM does with a reasoning parser."""
 
     def kinds(self) -> list[str]:
         return [k for k in ("json", "regex", "choice", "grammar", "json_object", "structural_tag")

@@ -225,6 +225,51 @@ def normalize_flag_spelling(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def merge_dotted_flags(argv: Sequence[str]) -> list[str]:
+    """vLLM's dotted form of a JSON-object flag: `--x.key value` (or `--x.key=value`) sets one
+    key of `--x`; values are JSON where they parse (true, 3) and strings otherwise. The keys of
+    one flag, merged over an `--x '{...}'` given as well, become a single `--x JSON`."""
+    out: list[str] = []
+    merged: dict[str, dict[str, Any]] = {}
+    tokens = list(argv)
+    i = 0
+    while i < len(tokens):
+        name, sep, value = tokens[i].partition("=")
+        if not (name.startswith("--") and "." in name):
+            out.append(tokens[i])
+            i += 1
+            continue
+        if not sep:
+            if i + 1 >= len(tokens):
+                raise argparse.ArgumentTypeError(f"{name} needs a value")
+            value = tokens[i + 1]
+            i += 1
+        i += 1
+        flag, _, key = name.partition(".")
+        try:
+            parsed: Any = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        merged.setdefault(flag, {})[key.replace("-", "_")] = parsed
+    for flag, keys in merged.items():
+        base: Any = {}
+        for j in range(len(out) - 1, -1, -1):  # the last `--x JSON` / `--x=JSON`, if any
+            if out[j] == flag and j + 1 < len(out):
+                text, span = out[j + 1], 2
+            elif out[j].startswith(flag + "="):
+                text, span = out[j][len(flag) + 1:], 1
+            else:
+                continue
+            try:
+                base = json.loads(text)
+            except json.JSONDecodeError:
+                break  # leave it: argparse reports the bad JSON
+            del out[j:j + span]
+            break
+        out += [flag, json.dumps({**(base if isinstance(base, dict) else {}), **keys})]
+    return out
+
+
 def _yaml_to_argv(data: dict[str, Any], source: str) -> list[str]:
     argv: list[str] = []
     for key, value in data.items():

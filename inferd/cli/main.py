@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from inferd.cli.args import (add_config_flags, add_engine_flags, expand_config_file, non_default_args,
-                             normalize_flag_spelling)
+                             merge_dotted_flags, normalize_flag_spelling)
 from inferd.config import ConfigError
 from inferd.entrypoints.openai.state import ServerConfig
 from inferd.version import __version__
@@ -59,7 +59,11 @@ def prepare_argv(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[s
     head, rest = [argv[0]], argv[1:]
     if rest and not rest[0].startswith("-"):
         head, rest = head + [rest[0]], rest[1:]
-    return head + normalize_flag_spelling(expand_config_file(rest, parser.error))
+    rest = normalize_flag_spelling(expand_config_file(rest, parser.error))
+    try:
+        return head + merge_dotted_flags(rest)
+    except argparse.ArgumentTypeError as e:
+        parser.error(str(e))
 
 
 def cmd_serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -42,6 +42,10 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def get_tokenizer(self):
+        """The model's tokenizer (vLLM's name for it)."""
+        return self.engine.tokenizer
+
     def get_default_sampling_params(self) -> SamplingParams:
         return SamplingParams(**self.engine.info.generation_defaults)
 

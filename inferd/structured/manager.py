@@ -40,7 +40,7 @@ class GrammarManager:
         self.compiler = GrammarCompiler(tokenizer, vocab_size, stop_token_ids=stop_token_ids,
                                         compile_timeout_s=compile_timeout_s)
 
-    def new_state(self, params: StructuredOutputsParams) -> GrammarState:
+    def new_state(self, params: StructuredOutputsParams) -> GrammarState | DeferredGrammar:
         """Compile (or fetch from the cache) and start a matcher; raises ValueError if invalid.
 
         Blocks while compiling: milliseconds for typical specs, at most `compile_timeout_s`.
@@ -50,7 +50,8 @@ class GrammarManager:
             matcher = require_xgrammar().GrammarMatcher(compiled)
         except Exception as e:
             raise ValueError(f"Could not start the grammar matcher: {clean_error(e)}") from None
-        return GrammarState(matcher, self.vocab_size, self.compiler.stop_token_ids)
+        state = GrammarState(matcher, self.vocab_size, self.compiler.stop_token_ids)
+        return DeferredGrammar(state, params.start_after) if params.start_after else state
 
     def allocate_bitmask(self, batch_size: int) -> torch.Tensor:
         """A CPU int32 [batch_size, ceil(vocab_size / 32)] mask with every token allowed."""
@@ -62,6 +63,8 @@ class GrammarManager:
 
 class GrammarState:
     """One per request: an xgrammar matcher advanced by the request's sampled tokens."""
+
+    active = True  # constrains the next token (a DeferredGrammar may not yet)
 
     def __init__(self, matcher: Any, vocab_size: int, stop_token_ids: list[int]):
         self._matcher = matcher
@@ -102,6 +105,35 @@ class GrammarState:
     def _fail(self, message: str) -> None:
         logger.warning("structured outputs: %s", message)
         self.error = message
+
+
+class DeferredGrammar:
+    """A grammar that engages once `marker` (token ids) has been sampled: with a reasoning
+    parser the model thinks freely and the grammar shapes the answer after `</think>`. Until
+    then every token is accepted and no mask is applied."""
+
+    def __init__(self, state: GrammarState, marker: list[int]):
+        self.state = state
+        self.marker = list(marker)
+        self.active = not self.marker
+        self._tail: list[int] = []
+
+    @property
+    def error(self) -> str | None:
+        return self.state.error
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self.state.fill_bitmask(bitmask, row)
+
+    def accept(self, token_id: int) -> bool:
+        if self.active:
+            return self.state.accept(token_id)
+        self._tail = (self._tail + [int(token_id)])[-len(self.marker):]
+        self.active = self._tail == self.marker
+        return True
+
+    def is_terminated(self) -> bool:
+        return self.active and self.state.is_terminated()
 
 
 def _allow_only(bitmask: torch.Tensor, row: int, token_ids: list[int]) -> None:

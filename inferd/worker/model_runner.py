@@ -187,7 +187,9 @@ class ModelRunner:
 
     # --- structured outputs ----------------------------------------------------------------
     def _apply_grammars(self, logits: torch.Tensor, reqs: list[Request]) -> None:
-        rows = [i for i, r in enumerate(reqs) if r.request_id in self.grammar_states]
+        states = self.grammar_states
+        rows = [i for i, r in enumerate(reqs)
+                if r.request_id in states and states[r.request_id].active]
         if not rows:
             return
         from inferd.structured import apply_bitmask

@@ -5,7 +5,9 @@ The server runs the tiny random Llama with `--reasoning-parser deepseek_r1 --ena
 it write one for real: `required` and named tool choice constrain generation with a JSON schema
 (that is how they work), and the auto-tool and reasoning tests force the exact text through a
 `structured_outputs.regex` (a `<think>` block and hermes `<tool_call>` tags), which the parsers
-then have to find in the generated output, streamed and whole.
+then have to find in the generated output, streamed and whole. That needs grammars inside the
+reasoning too (`--structured-outputs-config.enable_in_reasoning true`); the default, grammars
+after the reasoning, has its own server at the end.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ def forced(text: str) -> dict:
 @pytest.fixture(scope="module")
 def server(launch_server):
     with launch_server(["--reasoning-parser", "deepseek_r1", "--enable-auto-tool-choice",
-                        "--tool-call-parser", "hermes"]) as s:
+                        "--tool-call-parser", "hermes",
+                        "--structured-outputs-config.enable_in_reasoning", "true"]) as s:
         yield s
 
 
@@ -224,3 +227,27 @@ def test_unfinished_reasoning_is_all_reasoning(http):
     # deepseek_r1: no </think> (here: cut by max_tokens) means the whole output is reasoning.
     message = post(http, max_tokens=5)["choices"][0]["message"]
     assert message["content"] is None and message["reasoning"]
+
+
+# --- default: structured outputs start after the reasoning ---------------------------------------
+def test_structured_output_starts_after_reasoning(launch_server, tiny_llama_dir, http):
+    """deepseek_r1 reasons until `</think>`; the grammar must leave that part alone (vLLM's
+    default). A logit_bias makes the random model repeat one token: unconstrained it keeps
+    doing so, all of it reasoning; under the grammar it must answer yes or no instead."""
+    from transformers import AutoTokenizer
+    token = AutoTokenizer.from_pretrained(str(tiny_llama_dir)).encode(" hello",
+                                                                      add_special_tokens=False)[0]
+    body = {"messages": MESSAGES, "temperature": 0, "max_tokens": 6,
+            "logit_bias": {str(token): 100}, "structured_outputs": {"choice": ["yes", "no"]}}
+    inside = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    assert inside["reasoning"] in ("yes", "no")  # enable_in_reasoning: the grammar from token 1
+    with launch_server(["--reasoning-parser", "deepseek_r1"]) as server:
+        with httpx.Client(base_url=server.base_url, timeout=120) as c:
+            resp = c.post("/v1/chat/completions", json=body)
+            assert resp.status_code == 200, resp.text
+            message = resp.json()["choices"][0]["message"]
+            assert message["reasoning"] == " hello" * 6 and message["content"] is None
+            # deferred or not, a bad grammar is still refused before the engine sees it
+            bad = c.post("/v1/chat/completions", json={**body, "structured_outputs": {
+                "regex": "("}})
+            assert bad.status_code == 400

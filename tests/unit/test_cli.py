@@ -113,6 +113,9 @@ def test_api_key_from_environment_and_flag_wins(monkeypatch):
     (["serve", "m", "--enable-auto-tool-choice"], "--enable-auto-tool-choice needs --tool-call-parser"),
     (["serve", "m", "--max-num-queued-requests", "-1"], "--max-num-queued-requests -1 must be >= 0"),
     (["serve", "m", "--chat-template", "/no/such/template.jinja"], "no such file"),
+    (["serve", "m", "--structured-outputs-config.backend", "outlines"], "only auto and xgrammar"),
+    (["serve", "m", "--structured-outputs-config.nope", "1"], "unsupported key(s) ['nope']"),
+    (["serve", "m", "--structured-outputs-config.enable_in_reasoning"], "needs a value"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_bad_flags_are_clear_usage_errors(argv, message, capsys):
@@ -122,6 +125,20 @@ def test_bad_flags_are_clear_usage_errors(argv, message, capsys):
         main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_structured_outputs_config_json_and_dotted():
+    assert build_configs(parse("serve", "m"))[1].structured_outputs_config == {}
+    server = build_configs(parse("serve", "m", "--structured-outputs-config.enable_in_reasoning",
+                                 "true"))[1]
+    assert server.structured_outputs_config == {"enable_in_reasoning": True}
+    # JSON and dotted keys merge (dotted wins), in either spelling, with `=` or a separate value
+    ns = parse("serve", "m", "--structured_outputs_config", '{"backend": "xgrammar", '
+               '"enable_in_reasoning": true}', "--structured-outputs-config.enable-in-reasoning=false",
+               "--port", "9")
+    assert build_configs(ns)[1].structured_outputs_config == {"backend": "xgrammar",
+                                                              "enable_in_reasoning": False}
+    assert build_configs(ns)[1].port == 9
 
 
 def test_human_readable_token_counts():

@@ -130,3 +130,19 @@ def test_qwen3_streaming_thinking_disabled_is_all_content():
     parser = make("qwen3", chat_template_kwargs={"enable_thinking": False})
     assert parser.reasoning_ended
     assert parser.feed("<think>") == DeltaMessage(content="<think>")
+
+
+@pytest.mark.parametrize("name, kwargs, marker", [
+    ("deepseek_r1", {}, "</think>"),  # R1 always thinks first (a missing </think>: all reasoning)
+    ("deepseek_r1", {"prompt_text": "<|Assistant|><think>\n"}, "</think>"),
+    ("qwen3", {"prompt_text": "<|im_start|>assistant\n<think>\n"}, "</think>"),
+    ("qwen3", {}, "</think>"),  # unknown prompt: assume the template opened <think>
+    # thinking off, or closed by the template: the answer starts at the first token
+    ("qwen3", {"chat_template_kwargs": {"enable_thinking": False}}, None),
+    ("qwen3", {"prompt_text": "<|im_start|>assistant\n<think>\n\n</think>\n\n"}, None),
+    # the model would have to open <think> itself: a grammar from the start rules that out
+    ("qwen3", {"prompt_text": "<|im_start|>assistant\n"}, None),
+])
+def test_grammar_start_marker(name, kwargs, marker):
+    """Where a structured output's grammar starts: after the reasoning, wherever there is one."""
+    assert make(name, **kwargs).grammar_start_marker() == marker

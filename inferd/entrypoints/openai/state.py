@@ -44,6 +44,8 @@ class ServerConfig:
     """Let the model decide to call tools (tool_choice=auto); needs --tool-call-parser."""
     tool_call_parser: str | None = None
     """How tool calls are read from the output (e.g. hermes, llama3_json, mistral)."""
+    structured_outputs_config: dict[str, Any] = field(default_factory=dict)
+    """vLLM's structured-output settings, as JSON or dotted (--structured-outputs-config.enable_in_reasoning true): backend (auto or xgrammar); enable_in_reasoning (grammars also constrain the reasoning; default false: they start after it)."""
     max_logprobs: int = 20
     """Most logprobs / top_logprobs a request may ask for; -1: no limit."""
     max_num_queued_requests: int | None = None
@@ -93,6 +95,16 @@ class ServerConfig:
             raise ConfigError("--engine-stall-timeout must be > 0 and --shutdown-timeout >= 0")
         if self.enable_auto_tool_choice and not self.tool_call_parser:
             raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser NAME (e.g. hermes)")
+        so = self.structured_outputs_config
+        unknown = sorted(set(so) - {"backend", "enable_in_reasoning"})
+        if unknown:
+            raise ConfigError(f"--structured-outputs-config: unsupported key(s) {unknown}; "
+                              "supported: backend, enable_in_reasoning")
+        if so.get("backend", "auto") not in ("auto", "xgrammar"):
+            raise ConfigError(f"--structured-outputs-config.backend {so['backend']!r}: only auto "
+                              "and xgrammar are available")
+        if not isinstance(so.get("enable_in_reasoning", False), bool):
+            raise ConfigError("--structured-outputs-config.enable_in_reasoning must be true or false")
         if bool(self.ssl_keyfile) != bool(self.ssl_certfile):
             raise ConfigError("--ssl-keyfile and --ssl-certfile must be given together")
 

@@ -17,6 +17,7 @@ from inferd.entrypoints.openai.common import ModelLimits, TokenText, check_promp
     check_structured, encode, now, truncate_prompt, usage_json
 from inferd.entrypoints.openai.state import ServerState
 from inferd.entrypoints.parsers import ChatOutputParser
+from inferd.entrypoints.parsers.reasoning.base import get_reasoning_parser
 from inferd.sampling_params import SamplingParams
 
 
@@ -78,6 +79,17 @@ def _last_content_text(message: dict[str, Any]) -> str:
     return content if isinstance(content, str) else ""
 
 
+def _grammar_start_ids(parser_name: str, template_kwargs: dict[str, Any], prompt_text: str,
+                       tokenizer: Any) -> list[int] | None:
+    """The token ids after which a structured output's grammar engages: the answer follows the
+    reasoning, which stays free. (Forced tool calls keep their grammar from the first token:
+    their output is parsed as calls, with no reasoning split.)"""
+    parser = get_reasoning_parser(parser_name)(chat_template_kwargs=template_kwargs,
+                                               prompt_text=prompt_text)
+    marker = parser.grammar_start_marker()
+    return tokenizer.encode(marker, add_special_tokens=False) or None if marker else None
+
+
 async def prepare(req: ChatCompletionRequest, state: ServerState, request_id: str) -> ChatContext:
     engine, config = state.engine, state.config
     limits = ModelLimits.of(engine, config.max_logprobs)
@@ -97,8 +109,13 @@ async def prepare(req: ChatCompletionRequest, state: ServerState, request_id: st
     ids = await encode(engine.tokenizer, prompt_text, req.add_special_tokens)
     ids = truncate_prompt(ids, req.truncate_prompt_tokens, limits)
     check_prompt_ids(ids, limits)
-    structured = forced_constraint(req, mode) or req.structured_params()
+    forced = forced_constraint(req, mode)
+    structured = forced or req.structured_params()
     await check_structured(structured, engine.tokenizer)
+    if (structured is not None and forced is None and config.reasoning_parser
+            and not config.structured_outputs_config.get("enable_in_reasoning")):
+        structured.start_after = _grammar_start_ids(config.reasoning_parser, kwargs, prompt_text,
+                                                    engine.tokenizer)
     params = req.to_sampling_params(len(ids), limits, engine.tokenizer, structured)
     role = config.response_role if req.add_generation_prompt else req.messages[-1]["role"]
     last = req.messages[-1]

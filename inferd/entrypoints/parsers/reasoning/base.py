@@ -51,6 +51,11 @@ class ReasoningParser(ABC):
     def reasoning_ended(self) -> bool:
         """True once the stream has moved on to content for good."""
 
+    def grammar_start_marker(self) -> str | None:
+        """Asked before any output: the text that ends reasoning, after which a structured
+        output's grammar starts; None when the answer starts at the first token."""
+        return None
+
 
 _REGISTRY: dict[str, type[ReasoningParser]] = {}
 

@@ -73,6 +73,13 @@ class Qwen3ReasoningParser(ThinkTagReasoningParser):
             return Mode.CONTENT
         return Mode.REASONING
 
+    def grammar_start_marker(self) -> str | None:
+        # A prompt that leaves <think> to the model: a constrained answer starts at once (the
+        # grammar rules out <think>, so the output is all content, as rule 2 reads it).
+        if self._prompt_state is PromptThinkState.NONE:
+            return None
+        return super().grammar_start_marker()
+
     def extract(self, text: str) -> ReasoningSplit:
         if self._all_content:
             return ReasoningSplit(None, none_if_empty(text))

@@ -52,6 +52,9 @@ class ThinkTagReasoningParser(ReasoningParser):
         """Where an output that does not open with `<think>` starts."""
         return Mode.REASONING
 
+    def grammar_start_marker(self) -> str | None:
+        return None if self.reasoning_ended else THINK_END
+
     # -- streaming -----------------------------------------------------------------------------
     @property
     def reasoning_ended(self) -> bool:
