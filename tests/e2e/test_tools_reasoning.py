@@ -241,12 +241,29 @@ def test_structured_output_starts_after_reasoning(launch_server, tiny_llama_dir,
             "logit_bias": {str(token): 100}, "structured_outputs": {"choice": ["yes", "no"]}}
     inside = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
     assert inside["reasoning"] in ("yes", "no")  # enable_in_reasoning: the grammar from token 1
-    with launch_server(["--reasoning-parser", "deepseek_r1"]) as server:
+    with launch_server(["--reasoning-parser", "deepseek_r1", "--tool-call-parser", "hermes"]) as server:
         with httpx.Client(base_url=server.base_url, timeout=120) as c:
             resp = c.post("/v1/chat/completions", json=body)
             assert resp.status_code == 200, resp.text
             message = resp.json()["choices"][0]["message"]
             assert message["reasoning"] == " hello" * 6 and message["content"] is None
+            # forced tool calls wait for the reasoning too, and only the content after it is
+            # read as calls: here there is none, so no calls, whole or streamed
+            forced = {**body, "tools": TOOLS, "tool_choice": "required"}
+            forced.pop("structured_outputs")
+            resp = c.post("/v1/chat/completions", json=forced)
+            assert resp.status_code == 200, resp.text
+            choice = resp.json()["choices"][0]
+            assert choice["message"]["reasoning"] == " hello" * 6
+            assert choice["message"]["tool_calls"] == [] and choice["message"]["content"] is None
+            chunks = []
+            with c.stream("POST", "/v1/chat/completions", json={**forced, "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        chunks.append(json.loads(line[len("data: "):]))
+            streamed = collect(chunks)
+            assert streamed["reasoning"] == " hello" * 6 and not streamed["calls"]
+            assert streamed["content"] == ""
             # deferred or not, a bad grammar is still refused before the engine sees it
             bad = c.post("/v1/chat/completions", json={**body, "structured_outputs": {
                 "regex": "("}})

@@ -17,7 +17,7 @@ from inferd.entrypoints.openai.common import ModelLimits, TokenText, check_promp
     check_structured, encode, now, truncate_prompt, usage_json
 from inferd.entrypoints.openai.state import ServerState
 from inferd.entrypoints.parsers import ChatOutputParser
-from inferd.entrypoints.parsers.reasoning.base import get_reasoning_parser
+from inferd.entrypoints.parsers.reasoning.base import ReasoningParser, get_reasoning_parser
 from inferd.sampling_params import SamplingParams
 
 
@@ -48,6 +48,16 @@ class ChatContext:
         return ChatOutputParser(self.reasoning_parser, self.tool_parser,
                                 chat_template_kwargs=self.template_kwargs, tools_enabled=tools,
                                 prompt_text=self.prompt_text)
+
+    def reasoner_before_calls(self) -> ReasoningParser | None:
+        """Forced tool calls whose grammar waits for the reasoning: a parser that splits the
+        reasoning off, so only the content after it is read as calls."""
+        so = self.params.structured_outputs
+        if self.mode not in ("required", "named") or not (so and so.start_after):
+            return None
+        assert self.reasoning_parser is not None  # start_after is only set with one
+        return get_reasoning_parser(self.reasoning_parser)(
+            chat_template_kwargs=self.template_kwargs, prompt_text=self.prompt_text)
 
     def forced_calls(self) -> ForcedToolCalls | None:
         if self.mode not in ("required", "named"):
@@ -81,9 +91,8 @@ def _last_content_text(message: dict[str, Any]) -> str:
 
 def _grammar_start_ids(parser_name: str, template_kwargs: dict[str, Any], prompt_text: str,
                        tokenizer: Any) -> list[int] | None:
-    """The token ids after which a structured output's grammar engages: the answer follows the
-    reasoning, which stays free. (Forced tool calls keep their grammar from the first token:
-    their output is parsed as calls, with no reasoning split.)"""
+    """The token ids after which a structured output's grammar engages (forced tool calls
+    included): the answer follows the reasoning, which stays free."""
     parser = get_reasoning_parser(parser_name)(chat_template_kwargs=template_kwargs,
                                                prompt_text=prompt_text)
     marker = parser.grammar_start_marker()
@@ -112,7 +121,7 @@ async def prepare(req: ChatCompletionRequest, state: ServerState, request_id: st
     forced = forced_constraint(req, mode)
     structured = forced or req.structured_params()
     await check_structured(structured, engine.tokenizer)
-    if (structured is not None and forced is None and config.reasoning_parser
+    if (structured is not None and config.reasoning_parser
             and not config.structured_outputs_config.get("enable_in_reasoning")):
         structured.start_after = _grammar_start_ids(config.reasoning_parser, kwargs, prompt_text,
                                                     engine.tokenizer)

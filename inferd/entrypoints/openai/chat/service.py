@@ -39,10 +39,16 @@ def parse_whole(ctx: ChatContext, text: str) -> tuple[str | None, str | None, li
     """(reasoning, content, tool calls) of one finished choice."""
     forced = ctx.forced_calls()
     if forced is not None:
+        reasoning = None
+        reasoner = ctx.reasoner_before_calls()
+        if reasoner is not None:
+            reasoning, content = reasoner.extract(text)
+            text = content or ""
         forced.feed(text)
         if forced.calls:
-            return None, "", forced.calls
-        return None, text, []  # not valid JSON (e.g. cut by max_tokens): show what there is
+            return reasoning, "", forced.calls
+        # not valid JSON (e.g. cut by max_tokens): show what there is
+        return reasoning, text if text or reasoning is None else None, []
     parser = ctx.output_parser()
     if parser is None:
         return None, text, []

@@ -13,6 +13,7 @@ from typing import Any
 
 from inferd.entrypoints.openai.chat.context import ChatContext
 from inferd.entrypoints.openai.chat.tools import ForcedToolCalls
+from inferd.entrypoints.parsers.reasoning.base import ReasoningParser
 from inferd.entrypoints.openai.common import chat_logprobs, usage_json
 from inferd.entrypoints.parsers import ChatOutputParser, DeltaMessage, DeltaToolCall, \
     make_tool_call_id
@@ -23,6 +24,7 @@ from inferd.outputs import CompletionOutput, RequestOutput
 class _ChoiceStream:
     parser: ChatOutputParser | None
     forced: ForcedToolCalls | None
+    reasoner: ReasoningParser | None = None  # forced calls after reasoning: splits it off
     tokens: int = 0
     called: bool = False
     call_ids: dict[int, str] = field(default_factory=dict)
@@ -32,7 +34,8 @@ async def stream_chunks(ctx: ChatContext, outputs: AsyncIterator[RequestOutput]
                         ) -> AsyncIterator[dict]:
     req = ctx.request
     include_usage, continuous = req.usage_options()
-    states = [_ChoiceStream(ctx.output_parser(), ctx.forced_calls()) for _ in range(req.n)]
+    states = [_ChoiceStream(ctx.output_parser(), ctx.forced_calls(), ctx.reasoner_before_calls())
+              for _ in range(req.n)]
     for i in range(req.n):
         chunk = _chunk(ctx, {"index": i, "delta": {"role": ctx.role, "content": ""},
                              "logprobs": None, "finish_reason": None})
@@ -72,7 +75,13 @@ def _chunk(ctx: ChatContext, choice: dict | None) -> dict[str, Any]:
 
 def _parse_delta(ctx: ChatContext, st: _ChoiceStream, text: str, finished: bool) -> DeltaMessage:
     if st.forced is not None:
-        delta = DeltaMessage(tool_calls=st.forced.feed(text))
+        reasoning = None
+        if st.reasoner is not None:
+            part = st.reasoner.feed(text)
+            if finished:
+                part.merge(st.reasoner.finish())
+            reasoning, text = part.reasoning, part.content or ""
+        delta = DeltaMessage(reasoning=reasoning, tool_calls=st.forced.feed(text))
         if finished and not st.forced.calls:
             delta.add_content(st.forced.text)  # not a call after all: as the JSON response does
         return delta
