@@ -79,9 +79,10 @@ def reference(meta, q, hist_k, hist_v, causal, window, soft_cap, scale):
     return torch.cat(outs)
 
 
-# decodes first (contexts 5, 17, 0, 12), then prefill chunks: fresh (7), with context (9 + 6, 3 + 5)
-CONTEXTS = [5, 17, 0, 12, 0, 9, 3]
-QUERIES = [1, 1, 1, 1, 7, 6, 5]
+# decodes first (contexts 5, 17, 0, 12), then prefill chunks: three fresh of 7 (one batched
+# call), with context (9 + 6, 3 + 5), fresh again (4)
+CONTEXTS = [5, 17, 0, 12, 0, 0, 0, 9, 3, 0]
+QUERIES = [1, 1, 1, 1, 7, 7, 7, 6, 5, 4]
 
 
 def cpu_backend() -> CPUBackend:
@@ -118,7 +119,8 @@ def test_mixed_decode_and_prefill(backend, dtype, window, soft_cap):
 
 
 def test_decodes_run_as_one_batched_call(monkeypatch):
-    """No Python loop over decodes: SDPA is called once for 4 decodes + once per prefill."""
+    """No Python loop over decodes: SDPA is called once for 4 decodes, once for the run of
+    equal fresh prefills, and once per other prefill."""
     import inferd.attention.backends.torch_sdpa as mod
 
     calls = []
@@ -131,7 +133,7 @@ def test_decodes_run_as_one_batched_call(monkeypatch):
     monkeypatch.setattr(mod.F, "scaled_dot_product_attention", counting)
     kv_cache, meta, q, k, v, _, _ = make_step(CONTEXTS, QUERIES)
     TorchSDPABackend().forward(q, k, v, kv_cache, meta, scale=0.25)
-    assert calls == [4, 1, 1, 1]
+    assert calls == [4, 3, 1, 1, 1]
 
 
 @pytest.mark.parametrize("causal", [False, True])

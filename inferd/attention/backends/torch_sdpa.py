@@ -94,9 +94,43 @@ class TorchSDPABackend:
         if meta.num_decodes:
             out[: meta.num_decodes] = self._decodes(q, kv_cache, meta, scale, sliding_window,
                                                      logits_soft_cap)
-        for i in range(meta.num_decodes, meta.num_seqs):
-            self._prefill(i, q, k, v, kv_cache, meta, out, scale, sliding_window, logits_soft_cap)
+        i = meta.num_decodes
+        while i < meta.num_seqs:
+            run = self._fresh_run(i, meta) if sliding_window is None else 1
+            if run > 1:
+                self._prefill_run(i, run, q, k, v, meta, out, scale, logits_soft_cap)
+            else:
+                self._prefill(i, q, k, v, kv_cache, meta, out, scale, sliding_window,
+                              logits_soft_cap)
+            i += run
         return out
+
+    @staticmethod
+    def _fresh_run(i: int, meta: AttentionMetadata) -> int:
+        """How many prefills from sequence i on have nothing cached and the same length: one
+        batched causal SDPA call serves them all (a burst of equal prompts, as benchmarks
+        send, is 16-64 calls per layer otherwise, and batching spreads B x H over the threads)."""
+        qsl = meta.query_start_loc
+        length = qsl[i + 1] - qsl[i]
+        j = i
+        while (j < meta.num_seqs and meta.causal and meta.context_len(j) == 0
+               and qsl[j + 1] - qsl[j] == length):
+            j += 1
+        return max(j - i, 1)
+
+    @staticmethod
+    def _prefill_run(i: int, run: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     meta: AttentionMetadata, out: torch.Tensor, scale: float,
+                     soft_cap: float | None) -> None:
+        start = meta.query_start_loc[i]
+        length = meta.query_start_loc[i + 1] - start
+        end = start + run * length
+
+        def batched(x: torch.Tensor) -> torch.Tensor:  # [run * L, H, D] -> [run, H, L, D]
+            return x[start:end].view(run, length, *x.shape[1:]).transpose(1, 2)
+
+        res = _attend(batched(q), batched(k), batched(v), None, scale, soft_cap, is_causal=True)
+        out[start:end] = res.transpose(1, 2).reshape(run * length, *q.shape[1:])
 
     def _write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   meta: AttentionMetadata) -> None:
