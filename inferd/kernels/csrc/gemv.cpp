@@ -8,10 +8,31 @@
 #include "api.h"
 #include "common.h"
 
+#include <type_traits>
+
 namespace inferd {
 namespace {
 
-constexpr int64_t kRowChunk = 64;  // weight rows per unit of work for the 4/8-bit kernels
+constexpr int64_t kRowChunk = 64;  // weight rows per unit of work; a multiple of every R
+
+// rows(std::integral_constant<int, M>{}, n0, n1) over [0, N) in kRowChunk-row chunks handed
+// out dynamically (on a shared machine one thread is often descheduled for a while, and a
+// static half-and-half split would make every call wait for it); M in [1, 8].
+template <typename Fn>
+void for_row_chunks(int64_t M, int64_t N, Fn rows) {
+  const int64_t chunks = (N + kRowChunk - 1) / kRowChunk;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t n0 = c * kRowChunk, n1 = std::min(N, n0 + kRowChunk);
+    switch (M) {
+#define INFERD_M(m) \
+  case m: rows(std::integral_constant<int, m>{}, n0, n1); break;
+      INFERD_M(1) INFERD_M(2) INFERD_M(3) INFERD_M(4) INFERD_M(5) INFERD_M(6) INFERD_M(7) INFERD_M(8)
+#undef INFERD_M
+      default: break;
+    }
+  }
+}
 
 #if defined(__AVX512BF16__)
 // Rows [n0, n1) of y for M rows of x, R weight rows at a time (M * R <= 16 accumulators, in
@@ -200,20 +221,11 @@ void inferd_gemv_bf16(void* y, int y_is_f32, int64_t ldy, const void* x, int64_t
   const bf16* bb = static_cast<const bf16*>(bias);
   float* y32 = y_is_f32 ? static_cast<float*>(y) : nullptr;
   bf16* y16 = y_is_f32 ? nullptr : static_cast<bf16*>(y);
-  // 64-row chunks handed out dynamically (see inferd_gemv_q4); a multiple of every R
-  const int64_t chunks = (N + kRowChunk - 1) / kRowChunk;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t n0 = c * kRowChunk, n1 = std::min(N, n0 + kRowChunk);
-    switch (M) {
-#define INFERD_GEMV(m) \
-  case m: gemv_rows<m, (m == 1 ? 16 : m == 2 ? 8 : m <= 4 ? 4 : 2)>(y32, y16, ldy, xb, ldx, wb, K, bb, n0, n1); break;
-      INFERD_GEMV(1) INFERD_GEMV(2) INFERD_GEMV(3) INFERD_GEMV(4)
-      INFERD_GEMV(5) INFERD_GEMV(6) INFERD_GEMV(7) INFERD_GEMV(8)
-#undef INFERD_GEMV
-      default: break;
-    }
-  }
+  for_row_chunks(M, N, [&](auto mc, int64_t n0, int64_t n1) {
+    constexpr int m = decltype(mc)::value;
+    gemv_rows<m, (m == 1 ? 16 : m == 2 ? 8 : m <= 4 ? 4 : 2)>(y32, y16, ldy, xb, ldx, wb, K, bb,
+                                                             n0, n1);
+  });
 #else
   (void)y; (void)y_is_f32; (void)ldy; (void)x; (void)ldx; (void)w; (void)bias; (void)M; (void)N; (void)K;
 #endif
@@ -237,21 +249,9 @@ void inferd_gemv_q4(void* y, int y_is_f32, int64_t ldy, const void* x, int64_t l
   float* y32 = y_is_f32 ? static_cast<float*>(y) : nullptr;
   bf16* y16 = y_is_f32 ? nullptr : static_cast<bf16*>(y);
   const bf16* bb = static_cast<const bf16*>(bias);
-  // Rows in dynamic chunks: on a shared machine one thread is often descheduled for a while,
-  // and a static half-and-half split would make every call wait for it.
-  const int64_t chunk = kRowChunk, chunks = (N + chunk - 1) / chunk;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
-    switch (M) {
-#define INFERD_GEMV(mm_) \
-  case mm_: gemv_q4_rows<mm_>(y32, y16, ldy, xb, ldx, sx.data(), qs, d, m, bb, nb, n0, n1); break;
-      INFERD_GEMV(1) INFERD_GEMV(2) INFERD_GEMV(3) INFERD_GEMV(4)
-      INFERD_GEMV(5) INFERD_GEMV(6) INFERD_GEMV(7) INFERD_GEMV(8)
-#undef INFERD_GEMV
-      default: break;
-    }
-  }
+  for_row_chunks(M, N, [&](auto mc, int64_t n0, int64_t n1) {
+    gemv_q4_rows<decltype(mc)::value>(y32, y16, ldy, xb, ldx, sx.data(), qs, d, m, bb, nb, n0, n1);
+  });
 #else
   (void)y; (void)y_is_f32; (void)ldy; (void)x; (void)ldx; (void)qs; (void)d; (void)m; (void)bias;
   (void)M; (void)N; (void)K;
@@ -268,19 +268,9 @@ void inferd_gemv_q8(void* y, int y_is_f32, int64_t ldy, const void* x, int64_t l
   bf16* y16 = y_is_f32 ? nullptr : static_cast<bf16*>(y);
   const bf16* bb = static_cast<const bf16*>(bias);
   const int64_t nb = K / 32;
-  const int64_t chunk = kRowChunk, chunks = (N + chunk - 1) / chunk;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
-    switch (M) {
-#define INFERD_GEMV(mm_) \
-  case mm_: gemv_q8_rows<mm_>(y32, y16, ldy, xb, ldx, qs, d, bb, nb, n0, n1); break;
-      INFERD_GEMV(1) INFERD_GEMV(2) INFERD_GEMV(3) INFERD_GEMV(4)
-      INFERD_GEMV(5) INFERD_GEMV(6) INFERD_GEMV(7) INFERD_GEMV(8)
-#undef INFERD_GEMV
-      default: break;
-    }
-  }
+  for_row_chunks(M, N, [&](auto mc, int64_t n0, int64_t n1) {
+    gemv_q8_rows<decltype(mc)::value>(y32, y16, ldy, xb, ldx, qs, d, bb, nb, n0, n1);
+  });
 #else
   (void)y; (void)y_is_f32; (void)ldy; (void)x; (void)ldx; (void)qs; (void)d; (void)bias; (void)M;
   (void)N; (void)K;
