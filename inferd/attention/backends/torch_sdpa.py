@@ -94,29 +94,38 @@ class TorchSDPABackend:
         if meta.num_decodes:
             out[: meta.num_decodes] = self._decodes(q, kv_cache, meta, scale, sliding_window,
                                                      logits_soft_cap)
-        i = meta.num_decodes
-        while i < meta.num_seqs:
-            run = self._fresh_run(i, meta) if sliding_window is None else 1
+        for i, run in self._prefill_runs(meta, batch=sliding_window is None):
             if run > 1:
                 self._prefill_run(i, run, q, k, v, meta, out, scale, logits_soft_cap)
             else:
                 self._prefill(i, q, k, v, kv_cache, meta, out, scale, sliding_window,
                               logits_soft_cap)
-            i += run
         return out
 
     @staticmethod
-    def _fresh_run(i: int, meta: AttentionMetadata) -> int:
-        """How many prefills from sequence i on have nothing cached and the same length: one
-        batched causal SDPA call serves them all (a burst of equal prompts, as benchmarks
-        send, is 16-64 calls per layer otherwise, and batching spreads B x H over the threads)."""
-        qsl = meta.query_start_loc
-        length = qsl[i + 1] - qsl[i]
-        j = i
-        while (j < meta.num_seqs and meta.causal and meta.context_len(j) == 0
-               and qsl[j + 1] - qsl[j] == length):
-            j += 1
-        return max(j - i, 1)
+    def _prefill_runs(meta: AttentionMetadata, batch: bool) -> list[tuple[int, int]]:
+        """(first sequence, count) of the step's prefills: with `batch`, consecutive fresh
+        prefills (nothing cached) of one length form a run that one batched causal SDPA call
+        serves (a burst of equal prompts, as benchmarks send, is 16-64 calls per layer
+        otherwise, and batching spreads B x H over the threads). The same in every layer, so
+        derived once per step."""
+        key = ("prefill_runs", batch)
+        cached = meta.scratch.get(key)
+        if cached is not None:
+            return cached
+        qsl, runs = meta.query_start_loc, []
+        i = meta.num_decodes
+        while i < meta.num_seqs:
+            j = i + 1
+            if batch and meta.causal and meta.context_len(i) == 0:
+                length = qsl[i + 1] - qsl[i]
+                while (j < meta.num_seqs and meta.context_len(j) == 0
+                       and qsl[j + 1] - qsl[j] == length):
+                    j += 1
+            runs.append((i, j - i))
+            i = j
+        meta.scratch[key] = runs
+        return runs
 
     @staticmethod
     def _prefill_run(i: int, run: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

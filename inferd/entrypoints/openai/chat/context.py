@@ -96,7 +96,9 @@ def _grammar_start_ids(parser_name: str, template_kwargs: dict[str, Any], prompt
     parser = get_reasoning_parser(parser_name)(chat_template_kwargs=template_kwargs,
                                                prompt_text=prompt_text)
     marker = parser.grammar_start_marker()
-    return tokenizer.encode(marker, add_special_tokens=False) or None if marker else None
+    if marker is None:
+        return None
+    return tokenizer.encode(marker, add_special_tokens=False) or None
 
 
 async def prepare(req: ChatCompletionRequest, state: ServerState, request_id: str) -> ChatContext:
