@@ -21,14 +21,13 @@ import torch
 
 from inferd.attention.metadata import AttentionMetadata
 from inferd.kernels import cpu as kernels
-from inferd.models.layers.linear import Q4_MAX_ROWS
+from inferd.models.layers.linear import q4_skinny_max_rows
 from inferd.models.layers.norm import RMSNorm
 
 _p, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-_SKINNY_MAX_ROWS = 8  # the skinny 4-bit kernel's limit, when there is no AMX
 FUSED_MAX_ROWS = 64
 """Decode steps of up to this many sequences take the fused path (AMX matmuls beyond
-Q4_MAX_ROWS). Past Linear's own AMX limit (32) the matmuls alone are only even with oneDNN,
+the skinny limit). Past Linear's own AMX limit (32) the matmuls alone are only even with oneDNN,
 but the whole step still wins: 48 sequences 50-57 ms against 61-82 ms layer by layer, 64
 sequences 65-72 against 67-83 (noisy machine, alternating runs)."""
 
@@ -66,7 +65,10 @@ class FusedDecode:
     def __init__(self, model: torch.nn.Module, lib: ctypes.CDLL) -> None:
         self.model, self.lib = model, lib
         self.use_amx = kernels.has_amx(lib)
-        self.max_rows = FUSED_MAX_ROWS if self.use_amx else _SKINNY_MAX_ROWS
+        # Without AMX only the skinny kernel runs here, so only up to its limit in Linear (the
+        # module path then uses oneDNN; the two would round differently).
+        self.skinny_max_rows = q4_skinny_max_rows(self.use_amx)
+        self.max_rows = FUSED_MAX_ROWS if self.use_amx else self.skinny_max_rows
         layer0 = model.layers[0]
         a = layer0.self_attn.attn
         self.heads, self.kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
@@ -135,7 +137,7 @@ class FusedDecode:
         tables = meta.block_tables
         step = _StepRef(t, self.hidden, self.heads, self.kv_heads, self.head_dim,
                         self.intermediate, meta.block_size, tables.stride(0), self.act,
-                        int(self.use_amx), Q4_MAX_ROWS, self.eps, self.scale, cos.data_ptr(),
+                        int(self.use_amx), self.skinny_max_rows, self.eps, self.scale, cos.data_ptr(),
                         sin.data_ptr(),
                         meta.slot_mapping.data_ptr(), tables.data_ptr(),
                         meta.seq_lens_t.data_ptr())

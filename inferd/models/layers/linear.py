@@ -24,6 +24,17 @@ Q4_MAX_ROWS = 3
 when the layer has GGUF blocks: against oneDNN's bf16 matmul on SmolLM2's layer shapes
 (benchmarks/linear_small_m.py, best of 3, noisy machine) 2.0-2.8x faster at 1-2 rows,
 1.2-1.4x at 3, even at 4, slower from there on, where oneDNN's AMX kernels win."""
+Q4_NO_AMX_MAX_ROWS = 6
+"""Without AMX (e.g. Zen 4: AVX512-BF16 only) oneDNN's bf16 matmul has no tile unit to win
+with: the skinny 4-bit kernel measured 2.0x / 1.5x / 1.2x / 1.2x at 1-4 rows and 0.9-1.0x at
+5-6 (Zen 4, noisy), so it keeps those rows; from 8 rows oneDNN is faster (0.66x)."""
+
+
+def q4_skinny_max_rows(has_amx: bool) -> int:
+    """Rows up to which a layer with 4-bit blocks takes the skinny kernel. The fused decode
+    step follows the same rule, so both paths run the same kernel on the same rows."""
+    return Q4_MAX_ROWS if has_amx else Q4_NO_AMX_MAX_ROWS
+
 Q4_AMX_MAX_ROWS = 32
 """From Q4_MAX_ROWS + 1 rows up to this many, layers with GGUF blocks run them on AMX tiles
 dequantized on the fly (csrc/gemm_amx.cpp): 1.1-1.5x oneDNN's bf16 matmul at 4-32 rows on the
@@ -65,9 +76,10 @@ class Linear(nn.Module):
             lib = kernels.for_tensor(x)
             if lib is None:
                 return None
-            if x.shape[0] <= Q4_MAX_ROWS:
+            amx = kernels.has_amx(lib)
+            if x.shape[0] <= q4_skinny_max_rows(amx):
                 return kernels.gemv_q4(lib, x, self._q4, self.bias)
-            if kernels.has_amx(lib):
+            if amx:
                 return kernels.gemm_q4_amx(lib, x, self._q4, self.bias)
         elif self._q8 is not None:
             lib = kernels.for_tensor(x)
