@@ -59,6 +59,21 @@ def test_decode_attention_matches_sdpa(lib, dtype, heads, kv_heads, head_dim, wi
     torch.testing.assert_close(ours.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 2, 128)])
+def test_decode_attention_work_split_gives_the_same_bits(lib, dtype, heads, kv_heads, head_dim):
+    """Many sequences run as whole-sequence items (all KV heads in one sweep), one sequence
+    split by KV head across threads: the same arithmetic per head, so the same bits."""
+    contexts = [3, 16, 17, 40, 200, 61, 9, 128]
+    kv, meta, q = paged_decode_case(heads, kv_heads, head_dim, contexts, dtype)
+    batched = kernels.decode_attention(lib, q, kv, meta.block_tables, meta.seq_lens_t, 0.125,
+                                       None, None)
+    for i in range(len(contexts)):
+        alone = kernels.decode_attention(lib, q[i:i + 1], kv, meta.block_tables[i:i + 1],
+                                         meta.seq_lens_t[i:i + 1], 0.125, None, None)
+        assert torch.equal(alone[0], batched[i]), i
+
+
 def test_decode_attention_reads_strided_queries(lib):
     """q as the first heads of a fused [T, H + Hkv, D] tensor (how the models pass it)."""
     kv, meta, q = paged_decode_case(9, 3, 64, [5, 40], torch.float32)
