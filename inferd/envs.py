@@ -43,9 +43,6 @@ _VARIABLES: dict[str, Callable[[], Any]] = {
     # inferd's own CPU kernels (inferd/kernels/cpu_kernels.cpp, built with the host's C++
     # compiler on first use): paged decode attention, KV writes, argmax. Off: pure torch ops.
     "INFERD_CPU_KERNELS": lambda: _bool("INFERD_CPU_KERNELS", True),
-    # Keep freed step-sized buffers (up to 64 MiB) in glibc's heap instead of returning them
-    # to the kernel, so each step's logits are not page-faulted in afresh (worker/host_memory.py).
-    "INFERD_CPU_KEEP_FREED_MEMORY": lambda: _bool("INFERD_CPU_KEEP_FREED_MEMORY", True),
 }
 
 if TYPE_CHECKING:  # the names, for type checkers and readers
@@ -57,7 +54,6 @@ if TYPE_CHECKING:  # the names, for type checkers and readers
     INFERD_CPU_THREADS: int
     INFERD_CPU_ONEDNN_LINEAR: bool
     INFERD_CPU_KERNELS: bool
-    INFERD_CPU_KEEP_FREED_MEMORY: bool
 
 
 def __getattr__(name: str) -> Any:

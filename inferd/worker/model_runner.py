@@ -47,9 +47,6 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.dtype = dtype
-        if device.type == "cpu":
-            from inferd.worker.host_memory import keep_freed_memory
-            keep_freed_memory()
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.kv_caches: list[torch.Tensor] = []
