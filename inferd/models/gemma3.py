@@ -18,7 +18,7 @@ from torch import nn
 
 from inferd.attention.metadata import AttentionMetadata
 from inferd.models.layers.attention import Attention, SelfAttention
-from inferd.models.layers.linear import Embedding, Linear
+from inferd.models.layers.linear import Embedding, Linear, to_float_logits
 from inferd.models.layers.mlp import GatedMLP
 from inferd.models.layers.norm import GemmaRMSNorm
 from inferd.models.layers.rotary import RotaryEmbedding, rope_parameters
@@ -104,8 +104,8 @@ class Gemma3ForCausalLM(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        logits = to_float_logits(self.lm_head(hidden), out)
         if self.final_logit_softcapping:
             cap = self.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap

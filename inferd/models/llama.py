@@ -23,7 +23,7 @@ from torch import nn
 from inferd.attention.metadata import AttentionMetadata
 from inferd.models.layers.attention import Attention, SelfAttention
 from inferd.models.layers.fused_decode import FusedDecode
-from inferd.models.layers.linear import Embedding, Linear
+from inferd.models.layers.linear import Embedding, Linear, to_float_logits
 from inferd.models.layers.mlp import GatedMLP
 from inferd.models.layers.norm import RMSNorm
 from inferd.models.layers.rotary import RotaryEmbedding, rope_parameters
@@ -143,9 +143,9 @@ class LlamaForCausalLM(nn.Module):
         """input_ids/positions [T] (flat batch) -> final hidden states [T, hidden]."""
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> float32 logits [N, vocab]."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [N, hidden] -> float32 logits [N, vocab], into `out` when given."""
+        return to_float_logits(self.lm_head(hidden), out)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

@@ -50,6 +50,7 @@ class ModelRunner:
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.kv_caches: list[torch.Tensor] = []
+        self._logits_buf: torch.Tensor | None = None
         # Encoders (BERT) attend bidirectionally and keep no KV cache.
         self.is_encoder = bool(getattr(model, "is_encoder", False))
         self.generators: dict[str, torch.Generator] = {}
@@ -92,9 +93,23 @@ class ModelRunner:
         if not sampling:
             return out
         rows = torch.tensor([meta.query_start_loc[i + 1] - 1 for i, _ in sampling], device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        logits = self.model.compute_logits(hidden.index_select(0, rows),
+                                           **self._logits_out(len(sampling)))
         self._sample(logits, [s.request for _, s in sampling], out)
         return out
+
+    def _logits_out(self, rows: int) -> dict[str, torch.Tensor]:
+        """A reused float32 buffer for the sampled rows' logits (CPU; see to_float_logits),
+        as compute_logits' `out`; empty when the model or device does not take one. Nothing
+        holds the logits past the step that sampled from them."""
+        width = getattr(getattr(self.model, "lm_head", None), "out_features", None)
+        if self.device.type != "cpu" or width is None:
+            return {}
+        buf = self._logits_buf
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != width:
+            size = 1 << max(rows - 1, 15).bit_length()  # a power of two: few regrowths
+            buf = self._logits_buf = torch.empty(size, width, dtype=torch.float32)
+        return {"out": buf[:rows]}
 
     def _prepare_inputs(self, scheduled: list[ScheduledRequest]
                         ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:

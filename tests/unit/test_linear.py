@@ -59,3 +59,15 @@ def test_num_parameters_counts_packed_weights():
     assert before == 48 * 32 + 32
     prepack_linears(layer)
     assert num_parameters(layer) == before
+
+
+def test_float_logits_into_a_reused_buffer():
+    from inferd.models.layers.linear import to_float_logits
+    y = torch.randn(3, 50).bfloat16()
+    buf = torch.full((8, 50), float("nan"))
+    got = to_float_logits(y, buf[:3])
+    assert got.data_ptr() == buf.data_ptr() and got.dtype == torch.float32
+    assert torch.equal(got, y.float()) and buf[3:].isnan().all()
+    assert torch.equal(to_float_logits(y, None), y.float())
+    f32 = torch.randn(3, 50)
+    assert to_float_logits(f32, buf[:3]) is f32  # float32 heads need no copy at all

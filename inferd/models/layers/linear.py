@@ -44,6 +44,15 @@ _BF16_GEMV_MAX_ROWS = 2  # the bf16 skinny matmul beats oneDNN's only for 1-2 ro
 _SMALL_M_ROWS = max(Q4_AMX_MAX_ROWS, _BF16_GEMV_MAX_ROWS)
 
 
+def to_float_logits(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """An LM head's output as float32, into `out` ([N, vocab] float32) when given: at 256
+    sequences a fresh 50 MB float32 copy per step is ~10 ms of page faults on CPU (glibc maps
+    and unmaps allocations that large each time), a reused buffer ~3 ms."""
+    if out is None or y.dtype == torch.float32:
+        return y.float()
+    return out.copy_(y)
+
+
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32) -> None:
