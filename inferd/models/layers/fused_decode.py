@@ -137,9 +137,9 @@ class FusedDecode:
         tables = meta.block_tables
         step = _StepRef(t, self.hidden, self.heads, self.kv_heads, self.head_dim,
                         self.intermediate, meta.block_size, tables.stride(0), self.act,
-                        int(self.use_amx), self.skinny_max_rows, self.eps, self.scale, cos.data_ptr(),
-                        sin.data_ptr(),
-                        meta.slot_mapping.data_ptr(), tables.data_ptr(),
+                        int(self.use_amx), self.skinny_max_rows, self.eps, self.scale,
+                        cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(),
+                        tables.data_ptr(),
                         meta.seq_lens_t.data_ptr())
         self.lib.inferd_decoder_layers(layers, len(layers), ctypes.byref(step), x.data_ptr(),
                                        residual.data_ptr())
