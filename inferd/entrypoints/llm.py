@@ -44,7 +44,7 @@ class LLM:
 
     def get_tokenizer(self):
         """The model's tokenizer (vLLM's name for it)."""
-        return self.engine.tokenizer
+        return self.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
         return SamplingParams(**self.engine.info.generation_defaults)

@@ -106,7 +106,7 @@ class ModelRunner:
         if self.device.type != "cpu" or width is None:
             return {}
         buf = self._logits_buf
-        if buf is None or buf.shape[0] < rows or buf.shape[1] != width:
+        if buf is None or buf.shape[0] < rows:
             size = 1 << max(rows - 1, 15).bit_length()  # a power of two: few regrowths
             buf = self._logits_buf = torch.empty(size, width, dtype=torch.float32)
         return {"out": buf[:rows]}

@@ -56,8 +56,7 @@ class ChatContext:
         if self.mode not in ("required", "named") or not (so and so.start_after):
             return None
         assert self.reasoning_parser is not None  # start_after is only set with one
-        return get_reasoning_parser(self.reasoning_parser)(
-            chat_template_kwargs=self.template_kwargs, prompt_text=self.prompt_text)
+        return _reasoner(self.reasoning_parser, self.template_kwargs, self.prompt_text)
 
     def forced_calls(self) -> ForcedToolCalls | None:
         if self.mode not in ("required", "named"):
@@ -89,13 +88,17 @@ def _last_content_text(message: dict[str, Any]) -> str:
     return content if isinstance(content, str) else ""
 
 
+def _reasoner(parser_name: str, template_kwargs: dict[str, Any],
+              prompt_text: str) -> ReasoningParser:
+    return get_reasoning_parser(parser_name)(chat_template_kwargs=template_kwargs,
+                                             prompt_text=prompt_text)
+
+
 def _grammar_start_ids(parser_name: str, template_kwargs: dict[str, Any], prompt_text: str,
                        tokenizer: Any) -> list[int] | None:
     """The token ids after which a structured output's grammar engages (forced tool calls
     included): the answer follows the reasoning, which stays free."""
-    parser = get_reasoning_parser(parser_name)(chat_template_kwargs=template_kwargs,
-                                               prompt_text=prompt_text)
-    marker = parser.grammar_start_marker()
+    marker = _reasoner(parser_name, template_kwargs, prompt_text).grammar_start_marker()
     if marker is None:
         return None
     return tokenizer.encode(marker, add_special_tokens=False) or None
@@ -120,8 +123,7 @@ async def prepare(req: ChatCompletionRequest, state: ServerState, request_id: st
     ids = await encode(engine.tokenizer, prompt_text, req.add_special_tokens)
     ids = truncate_prompt(ids, req.truncate_prompt_tokens, limits)
     check_prompt_ids(ids, limits)
-    forced = forced_constraint(req, mode)
-    structured = forced or req.structured_params()
+    structured = forced_constraint(req, mode) or req.structured_params()
     await check_structured(structured, engine.tokenizer)
     if (structured is not None and config.reasoning_parser
             and not config.structured_outputs_config.get("enable_in_reasoning")):
