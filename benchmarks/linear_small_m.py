@@ -1,5 +1,5 @@
-"""Decode-sized matmuls: inferd's 4-bit kernels (GGUF Q4 blocks: skinny, and AMX tiles) and
-its bf16 skinny kernel vs oneDNN.
+"""Decode-sized matmuls: inferd's 4-bit kernels (GGUF Q4 blocks: skinny, and AMX tiles or
+AVX512-BF16 panels) and its bf16 skinny kernel vs oneDNN.
 
     .venv/bin/python benchmarks/linear_small_m.py [--rows 1 2 4 8 16 32 64]
 
@@ -69,10 +69,10 @@ def main() -> None:
                 for x, w in zip(xs, layer):
                     kernels.gemv_q4(lib, x, w, None)
 
-        def ours_amx():
+        def ours_gemm():
             for layer in q4:
                 for x, w in zip(xs, layer):
-                    kernels.gemm_q4_amx(lib, x, w, None)
+                    kernels.gemm_q4(lib, x, w, None)
 
         def ours_bf16():
             for layer in plain:
@@ -81,7 +81,7 @@ def main() -> None:
 
         base = best_of(onednn)
         line = f"rows {m}: oneDNN bf16 {base:6.2f} ms"
-        runs = [("4-bit AMX", ours_amx)] if kernels.has_amx(lib) else []
+        runs = [("4-bit AMX" if kernels.has_amx(lib) else "4-bit AVX512", ours_gemm)]
         if m <= 8:
             runs += [("4-bit skinny", ours_q4), ("bf16 skinny", ours_bf16)]
         for name, fn in runs:

@@ -61,6 +61,8 @@ _SIGNATURES = {
     "inferd_decoder_layers": ([_ptr, _i64, _ptr, _ptr, _ptr], None),
     "inferd_gemm_q4_amx": ([_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
                            None),
+    "inferd_gemm_q4_avx512": ([_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
+                               _i64], None),
 }
 ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu_fast": 1}
 """Gated activations with a kernel; others (exact erf GELU) stay on torch."""
@@ -336,11 +338,20 @@ def has_amx(lib: ctypes.CDLL) -> bool:
     return bool(lib.inferd_amx_init())
 
 
-def gemm_q4_amx(lib: ctypes.CDLL, x: torch.Tensor, q4, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] bf16 @ W^T with W in 4-bit blocks, on AMX tiles -> [M, N] bf16. The caller has
-    checked `has_amx(lib)`."""
+def gemm_q4(lib: ctypes.CDLL, x: torch.Tensor, q4, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] bf16 @ W^T with W in 4-bit blocks (`quant.Q4Weights`) -> [M, N] bf16: on AMX
+    tiles where `has_amx(lib)` (weights rounded to bf16, as the bf16 path has them), else with
+    AVX512-BF16 on the blocks regrouped into `Q4Weights.tiles` (weights exact, as the skinny
+    kernel has them). The caller has checked `inferd_has_gemv_bf16`."""
     n, k = q4.shape
     out = _matmul_out(x, n, k, bias, 1 << 30, "gemm_q4")
-    lib.inferd_gemm_q4_amx(out.data_ptr(), n, x.data_ptr(), x.stride(0), q4.qs.data_ptr(),
-                           q4.d.data_ptr(), q4.m.data_ptr(), _addr(bias), out.shape[0], n, k)
+    if has_amx(lib):
+        lib.inferd_gemm_q4_amx(out.data_ptr(), n, x.data_ptr(), x.stride(0), q4.qs.data_ptr(),
+                               q4.d.data_ptr(), q4.m.data_ptr(), _addr(bias), out.shape[0], n, k)
+        return out
+    t = q4.tiles()
+    if any(a.data_ptr() % 64 for a in (t.tq, t.td, t.tm)):
+        raise ValueError("gemm_q4: 4-bit tiles must be 64-byte aligned")
+    lib.inferd_gemm_q4_avx512(out.data_ptr(), n, x.data_ptr(), x.stride(0), t.tq.data_ptr(),
+                              t.td.data_ptr(), t.tm.data_ptr(), _addr(bias), out.shape[0], n, k)
     return out

@@ -222,6 +222,12 @@ def load_model(model_path: Path, hf_config: Any, dtype: torch.dtype, device: str
         n = attach_gguf_blocks(model, raw_blocks, LLAMA_STACKED)
         logger.info("%d linear layers read their GGUF blocks directly in decode steps", n)
         raw_blocks.clear()
+        from inferd.kernels import cpu as kernels
+
+        if not kernels.has_amx(kernels.load()):  # built now, not in the first decode step
+            for m in model.modules():
+                if getattr(m, "_q4", None) is not None:
+                    m._q4.tiles()
     if quantization is not None:
         from inferd.models.layers.quant import quantize_model
 

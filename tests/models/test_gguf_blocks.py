@@ -18,7 +18,7 @@ from test_gguf import write_tiny
 
 from inferd.kernels import cpu as kernels
 from inferd.models.gguf import GGUFModel
-from inferd.models.layers.linear import q4_skinny_max_rows
+from inferd.models.layers.linear import Q4_GEMM_MAX_ROWS, q4_skinny_max_rows
 from inferd.models.loader import load_model
 
 ARCHS = ["llama", "qwen2", "qwen3"]
@@ -70,13 +70,14 @@ def test_fused_and_module_paths_agree_on_4bit_blocks(lib, tmp_path, arch, batch)
     module_path = run_decodes(model, batch, 6)
     for a, b in zip(with_fused, module_path):
         assert torch.equal(a, b)
-    if 1 < batch <= q4_skinny_max_rows(kernels.has_amx(lib)):
+    amx = kernels.has_amx(lib)
+    if 1 < batch and (batch <= q4_skinny_max_rows(amx) or (not amx and batch <= Q4_GEMM_MAX_ROWS)):
         # The plumbing check below does not depend on the batch and runs at batch 1 anyway.
-        # At more rows the skinny kernel (up to 6 without AMX) keeps the dequantized weights
-        # exact where the plain path rounds them to bf16 (AMX tiles round them as it does),
-        # and this random model amplifies that rounding (up to 0.18 measured on Zen 4) past
-        # any tolerance that still catches a plumbing bug. The skinny kernel's multi-row
-        # arithmetic is checked in test_cpu_kernels.
+        # At more rows the skinny kernel, and without AMX the AVX512 tile kernel, keep the
+        # dequantized weights exact where the plain path rounds them to bf16 (AMX tiles round
+        # them as it does), and this random model amplifies that rounding (up to 0.18 measured
+        # on Zen 4) past any tolerance that still catches a plumbing bug. Those kernels'
+        # multi-row arithmetic is checked in test_cpu_kernels.
         return
     # blocks detached: the bf16 weights through oneDNN; the same model up to bf16 rounding
     for m in linears + [model.lm_head]:

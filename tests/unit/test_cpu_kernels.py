@@ -296,23 +296,40 @@ def test_gemv_q4_matches_the_dequantized_weights(bf16_lib, qtype_name, m, bias):
 
 
 @pytest.mark.parametrize("qtype_name", ["Q4_0", "Q4_1"])
-@pytest.mark.parametrize("m", [1, 4, 16, 17, 40])
+@pytest.mark.parametrize("m", [1, 4, 13, 16, 17, 40])
 @pytest.mark.parametrize("n", [200, 96])
+@pytest.mark.parametrize("k", [576, 1536])
 @pytest.mark.parametrize("bias", [False, True])
-def test_gemm_q4_amx_matches_the_dequantized_weights(bf16_lib, qtype_name, m, n, bias):
+def test_gemm_q4_matches_the_dequantized_weights(bf16_lib, qtype_name, m, n, k, bias):
     from inferd.models.layers.quant import q4_from_blocks
-    if not kernels.has_amx(bf16_lib):
-        pytest.skip("no AMX on this CPU (or the kernel refused the tile state)")
-    qtype, blocks, dequant = gguf_blocks(qtype_name, n, 576, seed=m)
+    qtype, blocks, dequant = gguf_blocks(qtype_name, n, k, seed=m)
     q4 = q4_from_blocks(qtype, blocks)
     g = torch.Generator().manual_seed(m)
-    x = torch.randn(m, 576, generator=g).bfloat16()
+    x = torch.randn(m, k, generator=g).bfloat16()
     b = torch.randn(n, generator=g).bfloat16() if bias else None
-    ours = kernels.gemm_q4_amx(bf16_lib, x, q4, b)
-    # the tiles hold the weights rounded to bf16, as the bf16 path's weights are
-    ref = x.double() @ dequant.bfloat16().double().T + (b.double() if bias else 0)
+    ours = kernels.gemm_q4(bf16_lib, x, q4, b)
+    # AMX tiles hold the weights rounded to bf16, as the bf16 path's weights are; the AVX512
+    # kernel multiplies the blocks as stored (its weights are 128 + q, exact in bf16)
+    w = dequant.bfloat16().double() if kernels.has_amx(bf16_lib) else dequant.double()
+    ref = x.double() @ w.T + (b.double() if bias else 0)
     assert ours.shape == (m, n)
     torch.testing.assert_close(ours.double(), ref, atol=2e-3, rtol=8e-3)
+
+
+def test_gemm_q4_avx512_on_a_strided_input(bf16_lib):
+    """x as rows of a wider tensor (a slice of a fused projection), ragged last tile."""
+    from inferd.models.layers.quant import q4_from_blocks
+    if kernels.has_amx(bf16_lib):
+        pytest.skip("AMX takes this path")
+    qtype, blocks, dequant = gguf_blocks("Q4_1", 40, 64)
+    q4 = q4_from_blocks(qtype, blocks)
+    wide = torch.randn(9, 100).bfloat16()
+    x = wide[:, 4:68]
+    ours = kernels.gemm_q4(bf16_lib, x, q4, None)
+    ref = x.double() @ dequant.double().T
+    torch.testing.assert_close(ours.double(), ref, atol=2e-3, rtol=8e-3)
+    assert q4.tiles().tq.shape == (3, 2, 8, 32)  # 40 rows -> 3 tiles, the last zero-padded
+    assert int(q4.tiles().tq[2, :, :, 16:].count_nonzero()) == 0
 
 
 @pytest.mark.parametrize("m", [1, 3])

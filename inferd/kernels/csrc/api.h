@@ -34,4 +34,7 @@ int inferd_amx_init();
 void inferd_gemm_q4_amx(void* y, int64_t ldy, const void* x, int64_t ldx, const uint8_t* qs,
                         const float* d, const float* m, const void* bias, int64_t M, int64_t N,
                         int64_t K);
+void inferd_gemm_q4_avx512(void* y, int64_t ldy, const void* x, int64_t ldx, const uint8_t* tq,
+                           const float* td, const float* tm, const void* bias, int64_t M,
+                           int64_t N, int64_t K);
 }

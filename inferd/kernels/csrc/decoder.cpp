@@ -22,6 +22,9 @@ struct Q4Ref {  // a linear layer's 4-bit blocks (quant.Q4Weights) and optional 
   const uint8_t* qs;
   const float* d;
   const float* m;
+  const uint8_t* tq;  // the same blocks as quant.Q4Tiles (null with AMX, which never reads them)
+  const float* td;
+  const float* tm;
   const void* bias;
   int64_t n, k;
 };
@@ -50,12 +53,15 @@ struct StepRef {
 
 constexpr int kBF16 = 1;
 
-// The same choice as Linear._small_m: the skinny kernel for a few rows, else AMX tiles.
+// The same choice as Linear._small_m: the skinny kernel for a few rows, else kernels.gemm_q4's
+// (AMX tiles, or AVX512-BF16 on the regrouped blocks).
 void linear(const Q4Ref& w, void* y, const void* x, int64_t rows, const StepRef& s) {
-  if (rows <= s.skinny_max_rows || !s.use_amx)
+  if (rows <= s.skinny_max_rows)
     inferd_gemv_q4(y, 0, w.n, x, w.k, w.qs, w.d, w.m, w.bias, rows, w.n, w.k);
-  else
+  else if (s.use_amx)
     inferd_gemm_q4_amx(y, w.n, x, w.k, w.qs, w.d, w.m, w.bias, rows, w.n, w.k);
+  else
+    inferd_gemm_q4_avx512(y, w.n, x, w.k, w.tq, w.td, w.tm, w.bias, rows, w.n, w.k);
 }
 
 }  // namespace

@@ -4,8 +4,8 @@ A decode step of a few sequences runs ~12 small ops per layer, and from Python e
 10-30 us of interpreter and wrapper time here, about what the arithmetic costs. When a
 Llama-family model has every linear's GGUF 4-bit blocks (`quant.attach_gguf_blocks`), a pure
 decode step of up to FUSED_MAX_ROWS sequences runs the same kernels back to back in C
-instead, so both paths give the same bits (up to Linear's own AMX limit; larger fused steps
-use AMX where the module path would use oneDNN). Anything else (prefill chunks, fp32, models
+instead, so both paths give the same bits (up to Linear's own limit for `kernels.gemm_q4`,
+Q4_GEMM_MAX_ROWS; larger fused steps use it where the module path would use oneDNN). Anything else (prefill chunks, fp32, models
 without 4-bit blocks, soft-capping, Gemma's norms) keeps the layer-by-layer path.
 
 The layer descriptors (weight and cache pointers) are built once and rebuilt only if a KV cache
@@ -33,7 +33,8 @@ sequences 65-72 against 67-83 (noisy machine, alternating runs)."""
 
 
 class _Q4Ref(ctypes.Structure):
-    _fields_ = [("qs", _p), ("d", _p), ("m", _p), ("bias", _p), ("n", _i64), ("k", _i64)]
+    _fields_ = [("qs", _p), ("d", _p), ("m", _p), ("tq", _p), ("td", _p), ("tm", _p),
+                ("bias", _p), ("n", _i64), ("k", _i64)]
 
 
 class _LayerRef(ctypes.Structure):
@@ -51,10 +52,15 @@ class _StepRef(ctypes.Structure):
                 ("seq_lens", _p)]
 
 
-def _q4_ref(linear: Any) -> _Q4Ref:
+def _q4_ref(linear: Any, use_amx: bool) -> _Q4Ref:
     q4 = linear._q4
     bias = linear.bias
-    return _Q4Ref(q4.qs.data_ptr(), q4.d.data_ptr(), q4.m.data_ptr(),
+    tiles = None if use_amx else q4.tiles()
+    if tiles is not None and any(a.data_ptr() % 64 for a in (tiles.tq, tiles.td, tiles.tm)):
+        raise ValueError("fused decode: 4-bit tiles must be 64-byte aligned")
+    tq, td, tm = (None, None, None) if tiles is None else (
+        tiles.tq.data_ptr(), tiles.td.data_ptr(), tiles.tm.data_ptr())
+    return _Q4Ref(q4.qs.data_ptr(), q4.d.data_ptr(), q4.m.data_ptr(), tq, td, tm,
                   None if bias is None else bias.data_ptr(), q4.shape[0], q4.shape[1])
 
 
@@ -65,10 +71,8 @@ class FusedDecode:
     def __init__(self, model: torch.nn.Module, lib: ctypes.CDLL) -> None:
         self.model, self.lib = model, lib
         self.use_amx = kernels.has_amx(lib)
-        # Without AMX only the skinny kernel runs here, so only up to its limit in Linear (the
-        # module path then uses oneDNN; the two would round differently).
         self.skinny_max_rows = q4_skinny_max_rows(self.use_amx)
-        self.max_rows = FUSED_MAX_ROWS if self.use_amx else self.skinny_max_rows
+        self.max_rows = FUSED_MAX_ROWS
         layer0 = model.layers[0]
         a = layer0.self_attn.attn
         self.heads, self.kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
@@ -116,8 +120,9 @@ class FusedDecode:
             ref.post_norm = layer.post_attention_layernorm.weight.data_ptr()
             ref.q_norm = None if sa.q_norm is None else sa.q_norm.weight.data_ptr()
             ref.k_norm = None if sa.k_norm is None else sa.k_norm.weight.data_ptr()
-            ref.qkv, ref.o = _q4_ref(sa.qkv_proj), _q4_ref(sa.o_proj)
-            ref.gate_up, ref.down = _q4_ref(mlp.gate_up_proj), _q4_ref(mlp.down_proj)
+            amx = self.use_amx
+            ref.qkv, ref.o = _q4_ref(sa.qkv_proj, amx), _q4_ref(sa.o_proj, amx)
+            ref.gate_up, ref.down = _q4_ref(mlp.gate_up_proj, amx), _q4_ref(mlp.down_proj, amx)
             ref.kv_cache, ref.num_blocks = cache.data_ptr(), cache.shape[1]
             ref.window = sa.attn.sliding_window or 0
         self._layers, self._cache_key = refs, key

@@ -24,10 +24,11 @@ Q4_MAX_ROWS = 3
 when the layer has GGUF blocks: against oneDNN's bf16 matmul on SmolLM2's layer shapes
 (benchmarks/linear_small_m.py, best of 3, noisy machine) 2.0-2.8x faster at 1-2 rows,
 1.2-1.4x at 3, even at 4, slower from there on, where oneDNN's AMX kernels win."""
-Q4_NO_AMX_MAX_ROWS = 6
-"""Without AMX (e.g. Zen 4: AVX512-BF16 only) oneDNN's bf16 matmul has no tile unit to win
-with: the skinny 4-bit kernel measured 2.0x / 1.5x / 1.2x / 1.2x at 1-4 rows and 0.9-1.0x at
-5-6 (Zen 4, noisy), so it keeps those rows; from 8 rows oneDNN is faster (0.66x)."""
+Q4_NO_AMX_MAX_ROWS = 1
+"""Without AMX (e.g. Zen 4: AVX512-BF16 only) the skinny kernel keeps one row (a batch-1
+decode); from 2 rows the AVX512-BF16 tile kernel (csrc/gemm_avx512.cpp) is faster (Zen 4,
+best of 3: 1 row 5.9 vs 6.1 ms for the 30 layers, 2 rows 6.4 vs 7.0, 4 rows 7.5 vs 10.0,
+6 rows 9.0 vs 13.5)."""
 
 
 def q4_skinny_max_rows(has_amx: bool) -> int:
@@ -35,13 +36,16 @@ def q4_skinny_max_rows(has_amx: bool) -> int:
     step follows the same rule, so both paths run the same kernel on the same rows."""
     return Q4_MAX_ROWS if has_amx else Q4_NO_AMX_MAX_ROWS
 
-Q4_AMX_MAX_ROWS = 32
-"""From Q4_MAX_ROWS + 1 rows up to this many, layers with GGUF blocks run them on AMX tiles
-dequantized on the fly (csrc/gemm_amx.cpp): 1.1-1.5x oneDNN's bf16 matmul at 4-32 rows on the
-same layer shapes (the dequantization, not the arithmetic, is its bound), 0.9x at 64, so
-larger steps (prefill chunks, big batches) stay on oneDNN."""
+Q4_GEMM_MAX_ROWS = 32
+"""From the skinny limit + 1 rows up to this many, layers with GGUF blocks run them on
+`kernels.gemm_q4`. With AMX, tiles dequantized on the fly (csrc/gemm_amx.cpp): 1.1-1.5x
+oneDNN's bf16 matmul at 4-32 rows on the same layer shapes (the dequantization, not the
+arithmetic, is its bound), 0.9x at 64. Without, AVX512-BF16 on regrouped blocks
+(csrc/gemm_avx512.cpp), Zen 4: 1.4x at 8 rows, 1.2x at 16, 1.0x at 32, 0.9x at 64 (there
+both run at the dot-product units' peak). Larger steps (prefill chunks, big batches) stay on
+oneDNN."""
 _BF16_GEMV_MAX_ROWS = 2  # the bf16 skinny matmul beats oneDNN's only for 1-2 rows
-_SMALL_M_ROWS = max(Q4_AMX_MAX_ROWS, _BF16_GEMV_MAX_ROWS)
+_SMALL_M_ROWS = max(Q4_GEMM_MAX_ROWS, _BF16_GEMV_MAX_ROWS)
 
 
 def to_float_logits(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -78,18 +82,16 @@ class Linear(nn.Module):
 
     def _small_m(self, x: torch.Tensor) -> torch.Tensor | None:
         """A few bf16 rows (a decode step) through inferd's CPU kernels: the GGUF's 4-bit
-        blocks when this layer has them (skinny kernel, or AMX tiles from 4 rows up), its Q8_0
+        blocks when this layer has them (skinny kernel, then `kernels.gemm_q4`), its Q8_0
         blocks (skinny), else the plain bf16 weight if this layer kept one; None when none
         applies."""
         if self._q4 is not None:
             lib = kernels.for_tensor(x)
             if lib is None:
                 return None
-            amx = kernels.has_amx(lib)
-            if x.shape[0] <= q4_skinny_max_rows(amx):
+            if x.shape[0] <= q4_skinny_max_rows(kernels.has_amx(lib)):
                 return kernels.gemv_q4(lib, x, self._q4, self.bias)
-            if amx:
-                return kernels.gemm_q4_amx(lib, x, self._q4, self.bias)
+            return kernels.gemm_q4(lib, x, self._q4, self.bias)
         elif self._q8 is not None:
             lib = kernels.for_tensor(x)
             if lib is not None and x.shape[0] <= Q4_MAX_ROWS:

@@ -32,10 +32,10 @@ import logging
 import torch
 from torch import nn
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from inferd.config import ConfigError
-from inferd.models.layers.linear import Q4_AMX_MAX_ROWS, Linear, MergedLinear
+from inferd.models.layers.linear import Q4_GEMM_MAX_ROWS, Linear, MergedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -241,9 +241,44 @@ class Q4Weights:
     d: torch.Tensor   # float32 [N, K / 32]
     m: torch.Tensor   # float32 [N, K / 32]; Q4_0 stores none: m = -8 d
 
+    _tiles: "Q4Tiles | None" = field(default=None, repr=False, compare=False)
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.qs.shape[0], self.qs.shape[1] * 32
+
+    def tiles(self) -> "Q4Tiles":
+        """The same weights regrouped for the AVX512-BF16 matmul (csrc/gemm_avx512.cpp), built
+        on first use and kept (about the blocks' size again)."""
+        if self._tiles is None:
+            self._tiles = Q4Tiles.from_weights(self)
+        return self._tiles
+
+
+@dataclass
+class Q4Tiles:
+    """Q4Weights in tiles of 16 weight rows, for vdpbf16ps with the rows in the lanes: byte
+    2 i + e of tq[t, b, pp] holds, for weight row 16 t + i and block b, the nibble of k = 32 b +
+    4 pp + e (low) and of k + 2 (high). Rows past N are zero."""
+    tq: torch.Tensor  # uint8 [T, K / 32, 8, 32]
+    td: torch.Tensor  # float32 [T, K / 32, 16]: d of rows 16 t .. 16 t + 15
+    tm: torch.Tensor  # float32 [T, K / 32, 16]: m - 128 d (the kernel's weights are 128 + q)
+
+    @staticmethod
+    def from_weights(w: Q4Weights) -> "Q4Tiles":
+        n, nb = w.qs.shape[0], w.qs.shape[1]
+        t = -(-n // 16)
+        q = torch.cat([w.qs & 0x0F, w.qs >> 4], dim=-1)  # [n, nb, 32], element order
+        q = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, 16 * t - n))
+        # k = 4 pp + 2 h + e -> [t, nb, pp, i, e] with h as the nibble
+        q = q.view(t, 16, nb, 8, 2, 2).permute(0, 2, 3, 1, 5, 4)
+        tq = (q[..., 0] | (q[..., 1] << 4)).reshape(t, nb, 8, 32).contiguous()
+
+        def by_tile(v: torch.Tensor) -> torch.Tensor:
+            v = torch.nn.functional.pad(v, (0, 0, 0, 16 * t - n))
+            return v.view(t, 16, nb).transpose(1, 2).contiguous()
+
+        return Q4Tiles(tq, by_tile(w.d), by_tile(w.m - 128 * w.d))
 
 
 def q4_from_blocks(qtype, blocks: torch.Tensor) -> Q4Weights:
@@ -298,7 +333,7 @@ def _sources(model: nn.Module, name: str, module: nn.Module,
 def attach_gguf_blocks(model: nn.Module, raw: dict, stacked: list[tuple[str, str, int]]) -> int:
     """Give each bf16 CPU `Linear` whose checkpoint weights were all Q4_0/Q4_1 (or all Q8_0)
     in the GGUF (`GGUFModel.iter_weights(raw_blocks=...)`) those blocks, for decode steps of
-    up to Q4_AMX_MAX_ROWS rows (Q8: Q4_MAX_ROWS); returns how many layers got them. A fused
+    up to Q4_GEMM_MAX_ROWS rows (Q8: Q4_MAX_ROWS); returns how many layers got them. A fused
     layer (qkv, gate/up) qualifies when every one of its HF projections did; their rows stack
     in shard order, as the float weight's do."""
     from inferd.models.gguf import GGMLQuantizationType as Q
