@@ -43,6 +43,8 @@ _SIGNATURES = {
     "inferd_abi_version": ([], ctypes.c_int),
     "inferd_decode_attention": ([ctypes.c_int, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr,
                                  _i64, _i64, _i64, _i64, _i64, _f32, _i64, _f32], None),
+    "inferd_prefill_attention": ([_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr,
+                                  _i64, _i64, _i64, _i64, _i64, _i64, _f32, _i64], None),
     "inferd_write_kv": ([ctypes.c_int, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64],
                         None),
     "inferd_argmax_f32": ([_ptr, _i64, _i64, _ptr], None),
@@ -212,6 +214,52 @@ def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, kv_cache: torch.Tensor,
                                 block_tables.stride(0), seq_lens.data_ptr(), n, h, hkv, d, bs,
                                 scale, sliding_window or 0, soft_cap or 0.0)
     return out
+
+
+def prefill_attention_applies(q: torch.Tensor, kv_cache: torch.Tensor, block_size: int,
+                              soft_cap: float | None) -> bool:
+    """Shapes and dtypes `prefill_attention` serves (else the caller uses SDPA)."""
+    _, _, _, hkv, d = kv_cache.shape
+    h = q.shape[1]
+    return (q.dtype == kv_cache.dtype == torch.bfloat16 and soft_cap is None
+            and block_size % 16 == 0 and d % 32 == 0 and d <= 256 and h % hkv == 0
+            and h // hkv <= 8)
+
+
+def check_prefill_rows(query_start: list[int], seq_lens: list[int], num_tokens: int) -> None:
+    """Query rows of each sequence in order, inside the step's tokens, and no more of them
+    than the sequence has positions (checked once per step, like `check_paged_metadata`)."""
+    n = len(query_start) - 1
+    _check(n <= len(seq_lens) and query_start[0] >= 0 and query_start[-1] <= num_tokens
+           and all(0 <= query_start[i + 1] - query_start[i] <= seq_lens[i] for i in range(n)),
+           "prefill query rows")
+
+
+def prefill_attention(lib: ctypes.CDLL, q: torch.Tensor, kv_cache: torch.Tensor,
+                      block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                      query_start: torch.Tensor, first: int, scale: float,
+                      sliding_window: int | None, out: torch.Tensor) -> None:
+    """Causal attention of the prefill rows of sequences [first, len(query_start) - 1) into
+    out (bf16 [T, H, D]): sequence i's queries are q rows [query_start[i], query_start[i+1]),
+    the last of its seq_lens[i] positions, and attend to its blocks in kv_cache (which already
+    hold their K/V). The caller has checked `prefill_attention_applies`, the tables and
+    lengths against the cache (`check_paged_metadata`) and the rows (`check_prefill_rows`)."""
+    t, h, d = q.shape
+    _, nb, bs, hkv, dk = kv_cache.shape
+    n = query_start.shape[0] - 1
+    _check(q.dtype == kv_cache.dtype == out.dtype == torch.bfloat16, "dtype")
+    _check(dk == d and h % hkv == 0 and kv_cache.is_contiguous() and _rows_contiguous(q)
+           and out.shape == q.shape and _rows_contiguous(out), "layout")
+    _check(block_tables.dtype == torch.int32 and seq_lens.dtype == torch.int32
+           and query_start.dtype == torch.int32 and query_start.is_contiguous()
+           and block_tables.stride(1) == 1 and seq_lens.is_contiguous()
+           and block_tables.shape[0] >= n and seq_lens.shape[0] >= n and 0 <= first <= n,
+           "tables")
+    lib.inferd_prefill_attention(out.data_ptr(), out.stride(0), q.data_ptr(), q.stride(0),
+                                 kv_cache.data_ptr(), nb, block_tables.data_ptr(),
+                                 block_tables.stride(0), seq_lens.data_ptr(),
+                                 query_start.data_ptr(), first, n, h, hkv, d, bs, scale,
+                                 sliding_window or 0)
 
 
 def write_kv(lib: ctypes.CDLL, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -346,3 +346,82 @@ def test_gemv_q8_matches_the_dequantized_weights(bf16_lib, m, bias):
     ours = kernels.gemv_q8(bf16_lib, x, q8, b)
     ref = x.double() @ dequant.double().T + (b.double() if bias else 0)
     torch.testing.assert_close(ours.double(), ref, atol=2e-3, rtol=8e-3)
+
+
+def paged_prefill_case(heads, kv_heads, head_dim, cases, seed=0, block_size=16):
+    """(context, query rows) per sequence; the cache already holds every position's K/V."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [c + n for c, n in cases]
+    num_blocks = sum(-(-n // block_size) for n in lens) + 4
+    kv = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g).bfloat16()
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables = [[perm.pop() for _ in range(-(-n // block_size))] for n in lens]
+    meta = build_attention_metadata([c for c, _ in cases], [n for _, n in cases], tables,
+                                    block_size)
+    q = torch.randn(sum(n for _, n in cases), heads, head_dim, generator=g).bfloat16()
+    return kv, meta, q, tables
+
+
+def prefill_reference(kv, meta, q, tables, scale, window, block_size=16):
+    """Every query row against its sequence's positions, in float64, masked as a causal LM."""
+    heads, kv_heads = q.shape[1], kv.shape[3]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for i in range(meta.num_seqs):
+        start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+        length = meta.seq_lens[i]
+        slots = [tables[i][p // block_size] * block_size + p % block_size for p in range(length)]
+        k = kv[0].reshape(-1, kv_heads, kv.shape[-1])[slots].double()  # [L, Hkv, D]
+        v = kv[1].reshape(-1, kv_heads, kv.shape[-1])[slots].double()
+        qpos = torch.arange(length - (end - start), length)[:, None]
+        kpos = torch.arange(length)[None, :]
+        keep = kpos <= qpos
+        if window:
+            keep &= kpos > qpos - window
+        for h in range(heads):
+            g = h // (heads // kv_heads)
+            s = (q[start:end, h].double() @ k[:, g].T) * scale
+            p = s.masked_fill(~keep, float("-inf")).softmax(-1)
+            out[start:end, h] = p @ v[:, g]
+    return out
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 2, 128), (4, 1, 256),
+                                                        (6, 6, 32)])
+@pytest.mark.parametrize("window", [None, 37])
+def test_prefill_attention_matches_the_reference(bf16_lib, heads, kv_heads, head_dim, window):
+    from inferd.attention.backends.cpu import CPUBackend
+    # a decode first, then fresh prompts, prefix-cache hits and chunks of every alignment
+    cases = [(5, 1), (0, 2), (0, 16), (0, 33), (37, 20), (64, 16), (3, 130)]
+    kv, meta, q, tables = paged_prefill_case(heads, kv_heads, head_dim, cases)
+    assert meta.num_decodes == 1
+    scale = 1 / math.sqrt(head_dim)
+    out = torch.full_like(q, 7.0)
+    assert CPUBackend(bf16_lib)._prefills(q, kv, meta, out, scale, window, None)
+    ref = prefill_reference(kv, meta, q, tables, scale, window)
+    assert torch.equal(out[0], torch.full_like(q[0], 7.0))  # the decode row is not touched
+    torch.testing.assert_close(out[1:].double(), ref[1:], atol=2e-2, rtol=2e-2)
+
+
+def test_prefill_attention_rows_do_not_depend_on_the_batch(bf16_lib):
+    cases = [(0, 40), (21, 17), (0, 5)]
+    kv, meta, q, _ = paged_prefill_case(9, 3, 64, cases)
+    qs = torch.tensor(meta.query_start_loc, dtype=torch.int32)
+    whole = torch.empty_like(q)
+    kernels.prefill_attention(bf16_lib, q, kv, meta.block_tables, meta.seq_lens_t, qs, 0, 0.125,
+                              None, whole)
+    for i in range(3):
+        start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+        alone = torch.empty_like(q[start:end])
+        kernels.prefill_attention(bf16_lib, q[start:end], kv, meta.block_tables[i:i + 1],
+                                  meta.seq_lens_t[i:i + 1],
+                                  torch.tensor([0, end - start], dtype=torch.int32), 0, 0.125,
+                                  None, alone)
+        assert torch.equal(alone, whole[start:end]), i
+
+
+def test_prefill_rows_past_their_positions_are_refused():
+    with pytest.raises(ValueError):
+        kernels.check_prefill_rows([0, 10, 30], [10, 15], 30)  # 20 rows, 15 positions
+    with pytest.raises(ValueError):
+        kernels.check_prefill_rows([0, 10], [10], 8)  # rows past the step's tokens
+    kernels.check_prefill_rows([0, 10, 25], [10, 15], 25)

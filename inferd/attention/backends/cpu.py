@@ -2,9 +2,11 @@
 
 Decodes read K/V straight from the cache blocks (`inferd/kernels/cpu_kernels.cpp`): no padded
 gather copy and no masked SDPA, whose CPU kernel is built for long queries. Writes of the new
-K/V are one call per layer instead of two `index_copy_`s. Prefill chunks are compute-bound
-and stay on SDPA. The block tables and slots the kernels index with are checked against the
-cache once per step, not trusted.
+K/V are one call per layer instead of two `index_copy_`s. Prefill chunks (bf16) read their
+K/V from the blocks too, with or without cached context (`csrc/prefill_attention.cpp`: 1.1-2.2x
+torch's bf16 flash attention on Zen 4, the most for short prompts, and no gather of cached
+K/V). The block tables, slots and
+query rows the kernels index with are checked against the cache once per step, not trusted.
 """
 from __future__ import annotations
 
@@ -46,3 +48,19 @@ class CPUBackend(TorchSDPABackend):
         return kernels.decode_attention(self.lib, q[: meta.num_decodes], kv_cache,
                                         meta.block_tables, meta.seq_lens_t, scale,
                                         sliding_window, soft_cap)
+
+    def _prefills(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                  out: torch.Tensor, scale: float, sliding_window: int | None,
+                  soft_cap: float | None) -> bool:
+        if not meta.causal or not kernels.prefill_attention_applies(q, kv_cache, meta.block_size,
+                                                                     soft_cap):
+            return False
+        self._checked(kv_cache, meta)
+        qs = meta.scratch.get("prefill_rows")
+        if qs is None:
+            kernels.check_prefill_rows(meta.query_start_loc, meta.seq_lens, q.shape[0])
+            qs = meta.scratch["prefill_rows"] = torch.tensor(meta.query_start_loc,
+                                                             dtype=torch.int32)
+        kernels.prefill_attention(self.lib, q, kv_cache, meta.block_tables, meta.seq_lens_t, qs,
+                                  meta.num_decodes, scale, sliding_window, out)
+        return True

@@ -94,6 +94,9 @@ class TorchSDPABackend:
         if meta.num_decodes:
             out[: meta.num_decodes] = self._decodes(q, kv_cache, meta, scale, sliding_window,
                                                      logits_soft_cap)
+        if meta.num_decodes < meta.num_seqs and self._prefills(
+                q, kv_cache, meta, out, scale, sliding_window, logits_soft_cap):
+            return out
         for i, run in self._prefill_runs(meta, batch=sliding_window is None):
             if run > 1:
                 self._prefill_run(i, run, q, k, v, meta, out, scale, logits_soft_cap)
@@ -101,6 +104,13 @@ class TorchSDPABackend:
                 self._prefill(i, q, k, v, kv_cache, meta, out, scale, sliding_window,
                               logits_soft_cap)
         return out
+
+    def _prefills(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                  out: torch.Tensor, scale: float, sliding_window: int | None,
+                  soft_cap: float | None) -> bool:
+        """All prefill rows of the step at once, into `out`, where a backend has a kernel for
+        them; False leaves them to SDPA below."""
+        return False
 
     @staticmethod
     def _prefill_runs(meta: AttentionMetadata, batch: bool) -> list[tuple[int, int]]:

@@ -1,0 +1,227 @@
+// Causal attention of prefill chunks over the paged KV cache (bf16, AVX512-BF16), for chunks
+// with or without cached context (prefix-cache hits, chunked prefill).
+//
+// Why hand-written: torch's CPU flash attention in bf16 runs at ~35-105 GFLOP/s here (Zen 4,
+// SmolLM2's 9 query heads of 64 over 3 KV heads: 16 x 128 tokens or 1 x 2048), and chunks
+// with context first gathered their K/V out of the cache into a padded copy. Here a unit of
+// work is (sequence, KV head, 16 query positions) with all of that KV head's query heads: R =
+// 16 x groups rows share every K/V block read. Per step of 64 keys (4 groups of 16, each in
+// one cache block):
+//   K^T in vdpbf16ps's pair layout (a transpose of 16 keys x D per group), V with key pairs
+//   interleaved; per row: scores with 16 keys in the lanes of each of 4 accumulators, D / 2
+//   dot products with the row's pairs broadcast; an online softmax (running max, sum, fp32);
+//   p rounded to bf16 and out += p . V as 32 key pairs x D / 16 dot products, 4 rows' fp32
+//   outputs in registers. Measured against torch's bf16 SDPA on the same shapes (Zen 4): 2.2x
+//   at 16 x 128 tokens, 1.5x at 8 x 256, 1.1x at 1 x 2048.
+// The output is out / l rounded once. Rows past a sequence's causal limit are masked per key.
+#include "api.h"
+#include "common.h"
+
+namespace inferd {
+namespace {
+
+#if defined(__AVX512BF16__)
+constexpr int64_t kQTile = 16;  // query positions per unit of work (32 measured no better)
+constexpr int kMaxD = 256;      // head_dim limit (multiple of 32)
+constexpr int kRows = 4;        // rows per pass: 4 x 4 output accumulators + 4 V vectors
+constexpr int kSub = 4;         // 16-key groups per softmax step (64 keys)
+
+struct Prefill {
+  const bf16* q;
+  int64_t q_stride;  // elements between tokens
+  bf16* out;
+  int64_t out_stride;
+  const bf16* kv;  // [2, num_blocks, block_size, kv_heads, D]
+  int64_t num_blocks, block_size, heads, kv_heads, D, table_stride, window;
+  const int32_t* tables;
+  float scale;
+};
+
+// One unit: sequence rows [start, start + lq) at positions ctx .. ctx + lq - 1 (the tile's
+// rows p0 .. p0 + np - 1), KV head g.
+void prefill_tile(const Prefill& a, const int32_t* table, int64_t start, int64_t ctx,
+                  int64_t p0, int64_t np, int64_t g) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t D = a.D, G = a.heads / a.kv_heads, R = np * G, DP = D / 2, DC = D / 16;
+  const int64_t row = a.kv_heads * D;  // elements between tokens in the cache
+  // rows r = p * G + h: query position p0 + p, head g * G + h
+  std::vector<__m512> o_buf(R * D / 16);  // fp32 output rows [R, D], 64-byte aligned
+  float* o = reinterpret_cast<float*>(o_buf.data());
+  float mx[kQTile * 8], sum[kQTile * 8];  // G <= 8
+  // K^T pairs per 16-key group: kt[s][dp][j] = (k[16s + j][2dp], k[16s + j][2dp + 1])
+  alignas(64) uint32_t kt[kSub][kMaxD / 2][16];
+  alignas(64) uint32_t vp[8 * kSub][kMaxD];  // vp[kp][d] = (v[2kp][d], v[2kp + 1][d])
+  for (int64_t r = 0; r < R; ++r) {
+    mx[r] = kNegInf;
+    sum[r] = 0.f;
+  }
+  const int64_t q_lo = ctx + p0, q_hi = ctx + p0 + np - 1;  // positions of the tile's queries
+  const int64_t k_lo = a.window > 0 ? std::max<int64_t>(0, q_lo - a.window + 1) : 0;
+  const bf16* kc = a.kv;
+  const bf16* vc = a.kv + a.num_blocks * a.block_size * row;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t kb = k_lo / 16 * 16; kb <= q_hi; kb += 16 * kSub) {
+    // keys kb .. kb + 16 kSub - 1 in kSub groups of 16 (each inside one cache block); keys
+    // past q_hi are never used, and are zero here
+    const int64_t nk = std::min<int64_t>(16 * kSub, q_hi + 1 - kb);
+    const int ns = static_cast<int>((nk + 15) / 16);
+    for (int sb = 0; sb < ns; ++sb) {
+      const int64_t k0 = kb + 16 * sb, n16 = std::min<int64_t>(16, nk - 16 * sb);
+      const int64_t blk = table[k0 / a.block_size], off = k0 % a.block_size;
+      const bf16* kbase = kc + (blk * a.block_size + off) * row + g * D;
+      const bf16* vbase = vc + (blk * a.block_size + off) * row + g * D;
+      for (int64_t c = 0; c < DP; c += 16) {  // a 16 x 16 transpose of 32-bit pairs
+        __m512i rows[16];
+        for (int j = 0; j < 16; ++j)
+          rows[j] = j < n16 ? _mm512_loadu_si512(kbase + j * row + 2 * c) : _mm512_setzero_si512();
+        transpose16(rows);
+        for (int i = 0; i < 16; ++i) _mm512_store_si512(kt[sb][c + i], rows[i]);
+      }
+      for (int kp = 0; kp < 8; ++kp) {
+        const int j0 = 2 * kp, j1 = 2 * kp + 1;
+        for (int64_t d = 0; d < D; d += 16) {
+          const __m512i a0 = j0 < n16 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(vbase + j0 * row + d))) : _mm512_setzero_si512();
+          const __m512i a1 = j1 < n16 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(vbase + j1 * row + d))) : _mm512_setzero_si512();
+          _mm512_store_si512(vp[8 * sb + kp] + d, _mm512_or_si512(a0, _mm512_slli_epi32(a1, 16)));
+        }
+      }
+    }
+    for (int64_t r0 = 0; r0 < R; r0 += kRows) {  // kRows rows at a time: independent chains
+      const int rg = static_cast<int>(std::min<int64_t>(kRows, R - r0));
+      const uint32_t* qr[kRows];
+      __m512 sc[kRows][kSub];
+      for (int i = 0; i < kRows; ++i) {
+        const int64_t r = r0 + std::min(i, rg - 1), p = r / G, h = r % G;
+        qr[i] = reinterpret_cast<const uint32_t*>(a.q + (start + p0 + p) * a.q_stride +
+                                                  (g * G + h) * D);
+        for (int sb = 0; sb < kSub; ++sb) sc[i][sb] = _mm512_setzero_ps();
+      }
+      for (int64_t dp = 0; dp < DP; ++dp) {
+        __m512bh kv4[kSub];
+        for (int sb = 0; sb < kSub; ++sb)
+          kv4[sb] = reinterpret_cast<__m512bh>(_mm512_load_si512(kt[sb][dp]));
+        for (int i = 0; i < kRows; ++i) {
+          const __m512bh qv = reinterpret_cast<__m512bh>(_mm512_set1_epi32(qr[i][dp]));
+          for (int sb = 0; sb < kSub; ++sb)
+            if (sb < ns) sc[i][sb] = _mm512_dpbf16_ps(sc[i][sb], kv4[sb], qv);
+        }
+      }
+      alignas(64) uint32_t pp[kRows][8 * kSub];  // each row's p as bf16 key pairs
+      __m512 av[kRows];
+      for (int i = 0; i < kRows; ++i) {
+        av[i] = _mm512_set1_ps(1.f);
+        std::memset(pp[i], 0, sizeof(pp[i]));
+        if (i >= rg) continue;
+        const int64_t r = r0 + i, qpos = ctx + p0 + r / G;
+        __mmask16 keep[kSub];
+        __m512 sv[kSub];
+        __m512 m4 = _mm512_set1_ps(kNegInf);
+        bool any = false;
+        for (int sb = 0; sb < kSub; ++sb) {
+          // keys kb + 16 sb + j count when <= qpos (so inside nk) and inside the window
+          const __m512i kpos = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(kb + 16 * sb)), lane);
+          keep[sb] = sb < ns ? _mm512_cmple_epi32_mask(kpos, _mm512_set1_epi32(static_cast<int32_t>(qpos)))
+                             : 0;
+          if (a.window > 0)
+            keep[sb] &= _mm512_cmpgt_epi32_mask(kpos, _mm512_set1_epi32(static_cast<int32_t>(qpos - a.window)));
+          any |= keep[sb] != 0;
+          sv[sb] = _mm512_mask_mul_ps(_mm512_set1_ps(kNegInf), keep[sb], sc[i][sb],
+                                      _mm512_set1_ps(a.scale));
+          m4 = _mm512_max_ps(m4, sv[sb]);
+        }
+        if (!any) continue;
+        const float m_new = std::max(mx[r], _mm512_reduce_max_ps(m4));
+        const float alpha = mx[r] == kNegInf ? 0.f : std::exp(mx[r] - m_new);
+        __m512 esum = _mm512_setzero_ps();
+        for (int sb = 0; sb < ns; ++sb) {
+          const __m512 e = _mm512_maskz_mov_ps(keep[sb], exp512(_mm512_sub_ps(sv[sb], _mm512_set1_ps(m_new))));
+          esum = _mm512_add_ps(esum, e);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(pp[i] + 8 * sb), bf16_bits(e));
+        }
+        mx[r] = m_new;
+        sum[r] = sum[r] * alpha + _mm512_reduce_add_ps(esum);
+        av[i] = _mm512_set1_ps(alpha);
+      }
+      const int nkp = 8 * ns;
+      for (int64_t c = 0; c < DC; c += 4) {  // 4 x 16 output dims of every row in registers
+        const int nc = static_cast<int>(std::min<int64_t>(4, DC - c));
+        __m512 acc[kRows][4];
+        for (int i = 0; i < kRows; ++i)
+          for (int j = 0; j < 4; ++j)
+            acc[i][j] = i < rg && j < nc
+                ? _mm512_mul_ps(_mm512_load_ps(o + (r0 + i) * D + 16 * (c + j)), av[i])
+                : _mm512_setzero_ps();
+        for (int kp = 0; kp < nkp; ++kp) {
+          __m512bh vv[4];
+          for (int j = 0; j < 4; ++j)
+            vv[j] = reinterpret_cast<__m512bh>(j < nc ? _mm512_load_si512(vp[kp] + 16 * (c + j))
+                                                      : _mm512_setzero_si512());
+          for (int i = 0; i < kRows; ++i) {
+            const __m512bh pv = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pp[i][kp]));
+            for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], vv[j], pv);
+          }
+        }
+        for (int i = 0; i < rg; ++i)
+          for (int j = 0; j < nc; ++j) _mm512_store_ps(o + (r0 + i) * D + 16 * (c + j), acc[i][j]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t p = r / G, h = r % G;
+    bf16* dst = a.out + (start + p0 + p) * a.out_stride + (g * G + h) * D;
+    const __m512 inv = _mm512_set1_ps(sum[r] > 0.f ? 1.f / sum[r] : 0.f);
+    for (int64_t d = 0; d < D; d += 16) store16(dst + d, _mm512_mul_ps(_mm512_load_ps(o + r * D + d), inv));
+  }
+}
+#endif
+
+}  // namespace
+}  // namespace inferd
+
+using namespace inferd;
+
+extern "C" {
+
+// Prefill rows of sequences [first, num_seqs): sequence i's queries are rows
+// [query_start[i], query_start[i + 1]) of q (bf16 [T, heads, D], token stride q_stride) at
+// positions seq_lens[i] - (its row count) .. seq_lens[i] - 1, attending causally (and within
+// `window` when > 0) to positions [0, seq_lens[i]) of its blocks in kv_cache (bf16 [2,
+// num_blocks, block_size, kv_heads, D], already holding these rows' K/V). out bf16 [T, heads,
+// D] (token stride out_stride). Needs block_size % 16 == 0, D % 32 == 0, D <= 256, heads /
+// kv_heads <= 8; the caller checked every index (cpu.py).
+void inferd_prefill_attention(void* out, int64_t out_stride, const void* q, int64_t q_stride,
+                              const void* kv_cache, int64_t num_blocks, const int32_t* block_tables,
+                              int64_t table_stride, const int32_t* seq_lens,
+                              const int32_t* query_start, int64_t first, int64_t num_seqs,
+                              int64_t heads, int64_t kv_heads, int64_t head_dim,
+                              int64_t block_size, float scale, int64_t window) {
+#if defined(__AVX512BF16__)
+  const Prefill a{static_cast<const bf16*>(q), q_stride, static_cast<bf16*>(out), out_stride,
+                  static_cast<const bf16*>(kv_cache), num_blocks, block_size, heads, kv_heads,
+                  head_dim, table_stride, window, block_tables, scale};
+  struct Item { int64_t seq, p0, g; };
+  std::vector<Item> items;
+  for (int64_t i = first; i < num_seqs; ++i) {
+    const int64_t lq = query_start[i + 1] - query_start[i];
+    // the longest tiles (latest positions) first: dynamic scheduling then balances the tail
+    for (int64_t p0 = (lq - 1) / kQTile * kQTile; p0 >= 0; p0 -= kQTile)
+      for (int64_t g = 0; g < kv_heads; ++g) items.push_back({i, p0, g});
+  }
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t it = 0; it < static_cast<int64_t>(items.size()); ++it) {
+    const Item& w = items[it];
+    const int64_t start = query_start[w.seq], lq = query_start[w.seq + 1] - start;
+    prefill_tile(a, block_tables + w.seq * table_stride, start, seq_lens[w.seq] - lq, w.p0,
+                 std::min(kQTile, lq - w.p0), w.g);
+  }
+#else
+  (void)out; (void)out_stride; (void)q; (void)q_stride; (void)kv_cache; (void)num_blocks;
+  (void)block_tables; (void)table_stride; (void)seq_lens; (void)query_start; (void)first;
+  (void)num_seqs; (void)heads; (void)kv_heads; (void)head_dim; (void)block_size; (void)scale;
+  (void)window;
+#endif
+}
+
+}  // extern "C"
