@@ -396,7 +396,13 @@ def test_prefill_attention_matches_the_reference(bf16_lib, heads, kv_heads, head
     assert meta.num_decodes == 1
     scale = 1 / math.sqrt(head_dim)
     out = torch.full_like(q, 7.0)
-    assert CPUBackend(bf16_lib)._prefills(q, kv, meta, out, scale, window, None)
+    if kernels.has_amx(bf16_lib):  # the backend keeps torch's SDPA there: call the kernel
+        kernels.check_prefill_rows(meta.query_start_loc, meta.seq_lens, q.shape[0])
+        qs = torch.tensor(meta.query_start_loc, dtype=torch.int32)
+        kernels.prefill_attention(bf16_lib, q, kv, meta.block_tables, meta.seq_lens_t, qs,
+                                  meta.num_decodes, scale, window, out)
+    else:
+        assert CPUBackend(bf16_lib)._prefills(q, kv, meta, out, scale, window, None)
     ref = prefill_reference(kv, meta, q, tables, scale, window)
     assert torch.equal(out[0], torch.full_like(q[0], 7.0))  # the decode row is not touched
     torch.testing.assert_close(out[1:].double(), ref[1:], atol=2e-2, rtol=2e-2)
