@@ -2,11 +2,11 @@
 
 Decodes read K/V straight from the cache blocks (`inferd/kernels/cpu_kernels.cpp`): no padded
 gather copy and no masked SDPA, whose CPU kernel is built for long queries. Writes of the new
-K/V are one call per layer instead of two `index_copy_`s. Prefill chunks (bf16) read their
-K/V from the blocks too, with or without cached context (`csrc/prefill_attention.cpp`: 1.1-2.2x
-torch's bf16 flash attention on Zen 4, the most for short prompts, and no gather of cached
-K/V). The block tables, slots and
-query rows the kernels index with are checked against the cache once per step, not trusted.
+K/V are one call per layer instead of two `index_copy_`s. Prefill chunks (bf16, without AMX)
+read their K/V from the blocks too, with or without cached context
+(`csrc/prefill_attention.cpp`: 1.1-2.2x torch's bf16 flash attention on Zen 4, the most for
+short prompts, and no gather of cached K/V). The block tables, slots and query rows the
+kernels index with are checked against the cache once per step, not trusted.
 """
 from __future__ import annotations
 

@@ -5,8 +5,9 @@ A decode step of a few sequences runs ~12 small ops per layer, and from Python e
 Llama-family model has every linear's GGUF 4-bit blocks (`quant.attach_gguf_blocks`), a pure
 decode step of up to FUSED_MAX_ROWS sequences runs the same kernels back to back in C
 instead, so both paths give the same bits (up to Linear's own limit for `kernels.gemm_q4`,
-Q4_GEMM_MAX_ROWS; larger fused steps use it where the module path would use oneDNN). Anything else (prefill chunks, fp32, models
-without 4-bit blocks, soft-capping, Gemma's norms) keeps the layer-by-layer path.
+Q4_GEMM_MAX_ROWS; larger fused steps use it where the module path would use oneDNN).
+Anything else (prefill chunks, fp32, models without 4-bit blocks, soft-capping, Gemma's norms)
+keeps the layer-by-layer path.
 
 The layer descriptors (weight and cache pointers) are built once and rebuilt only if a KV cache
 is rebound; per step only the small step descriptor changes. Every index the kernels follow
@@ -26,10 +27,12 @@ from inferd.models.layers.norm import RMSNorm
 
 _p, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 FUSED_MAX_ROWS = 64
-"""Decode steps of up to this many sequences take the fused path (AMX matmuls beyond
-the skinny limit). Past Linear's own AMX limit (32) the matmuls alone are only even with oneDNN,
-but the whole step still wins: 48 sequences 50-57 ms against 61-82 ms layer by layer, 64
-sequences 65-72 against 67-83 (noisy machine, alternating runs)."""
+"""Decode steps of up to this many sequences take the fused path (`kernels.gemm_q4` beyond
+the skinny limit). Past Linear's own limit (32) the matmuls alone are only even with oneDNN,
+but the whole step still wins. Sapphire Rapids (AMX): 48 sequences 50-57 ms against 61-82 ms
+layer by layer, 64 sequences 65-72 against 67-83 (noisy machine, alternating runs). Zen 4 (no
+AMX, AVX512-BF16 tiles): 16 sequences 29 against 38 ms, 64 sequences even (88-99 against
+92)."""
 
 
 class _Q4Ref(ctypes.Structure):
