@@ -248,8 +248,9 @@ def prefill_attention(lib: ctypes.CDLL, q: torch.Tensor, kv_cache: torch.Tensor,
     _, nb, bs, hkv, dk = kv_cache.shape
     n = query_start.shape[0] - 1
     _check(q.dtype == kv_cache.dtype == out.dtype == torch.bfloat16, "dtype")
-    _check(dk == d and h % hkv == 0 and kv_cache.is_contiguous() and _rows_contiguous(q)
-           and out.shape == q.shape and _rows_contiguous(out), "layout")
+    _check(dk == d and prefill_attention_applies(q, kv_cache, bs, None)
+           and kv_cache.is_contiguous() and _rows_contiguous(q) and out.shape == q.shape
+           and _rows_contiguous(out), "layout")
     _check(block_tables.dtype == torch.int32 and seq_lens.dtype == torch.int32
            and query_start.dtype == torch.int32 and query_start.is_contiguous()
            and block_tables.stride(1) == 1 and seq_lens.is_contiguous()
