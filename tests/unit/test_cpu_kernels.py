@@ -431,3 +431,12 @@ def test_prefill_rows_past_their_positions_are_refused():
     with pytest.raises(ValueError):
         kernels.check_prefill_rows([0, 10], [10], 8)  # rows past the step's tokens
     kernels.check_prefill_rows([0, 10, 25], [10, 15], 25)
+
+
+def test_prefill_attention_refuses_shapes_it_does_not_serve(bf16_lib):
+    kv, meta, q, _ = paged_prefill_case(6, 6, 48, [(0, 20)])  # head_dim 48: not a multiple of 32
+    qs = torch.tensor(meta.query_start_loc, dtype=torch.int32)
+    assert not kernels.prefill_attention_applies(q, kv, 16, None)
+    with pytest.raises(ValueError):
+        kernels.prefill_attention(bf16_lib, q, kv, meta.block_tables, meta.seq_lens_t, qs, 0,
+                                  0.1, None, torch.empty_like(q))
