@@ -24,6 +24,9 @@ class CPUBackend(TorchSDPABackend):
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.lib = lib
+        # The prefill kernel needs AVX512-BF16; with AMX, torch's SDPA (oneDNN's tile kernels)
+        # measured faster (~80 ms per 2048-token prefill step on Sapphire Rapids, session 4).
+        self._prefill_kernel = bool(lib.inferd_has_gemv_bf16()) and not kernels.has_amx(lib)
 
     def _checked(self, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
         key = ("paged_checked", kv_cache.shape[1])
@@ -52,9 +55,7 @@ class CPUBackend(TorchSDPABackend):
     def _prefills(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                   out: torch.Tensor, scale: float, sliding_window: int | None,
                   soft_cap: float | None) -> bool:
-        # Needs AVX512-BF16; with AMX, torch's SDPA (oneDNN's tile kernels) measured faster
-        # (~80 ms per 2048-token prefill step on Sapphire Rapids, session 4)
-        if (not meta.causal or not self.lib.inferd_has_gemv_bf16() or kernels.has_amx(self.lib)
+        if (not self._prefill_kernel or not meta.causal
                 or not kernels.prefill_attention_applies(q, kv_cache, meta.block_size, soft_cap)):
             return False
         self._checked(kv_cache, meta)

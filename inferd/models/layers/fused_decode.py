@@ -58,11 +58,10 @@ class _StepRef(ctypes.Structure):
 def _q4_ref(linear: Any, use_amx: bool) -> _Q4Ref:
     q4 = linear._q4
     bias = linear.bias
-    tiles = None if use_amx else q4.tiles()
-    if tiles is not None and any(a.data_ptr() % 64 for a in (tiles.tq, tiles.td, tiles.tm)):
-        raise ValueError("fused decode: 4-bit tiles must be 64-byte aligned")
-    tq, td, tm = (None, None, None) if tiles is None else (
-        tiles.tq.data_ptr(), tiles.td.data_ptr(), tiles.tm.data_ptr())
+    tq = td = tm = None  # AMX reads the blocks, not the tiles
+    if not use_amx:
+        t = q4.tiles()
+        tq, td, tm = t.tq.data_ptr(), t.td.data_ptr(), t.tm.data_ptr()
     return _Q4Ref(q4.qs.data_ptr(), q4.d.data_ptr(), q4.m.data_ptr(), tq, td, tm,
                   None if bias is None else bias.data_ptr(), q4.shape[0], q4.shape[1])
 

@@ -278,7 +278,12 @@ class Q4Tiles:
             v = torch.nn.functional.pad(v, (0, 0, 0, 16 * t - n))
             return v.view(t, 16, nb).transpose(1, 2).contiguous()
 
-        return Q4Tiles(tq, by_tile(w.d), by_tile(w.m - 128 * w.d))
+        tiles = Q4Tiles(tq, by_tile(w.d), by_tile(w.m - 128 * w.d))
+        # the kernel's aligned vector loads need it (torch's CPU allocations give it), so the
+        # per-call wrappers need not check
+        if any(a.data_ptr() % 64 for a in (tiles.tq, tiles.td, tiles.tm)):
+            raise ValueError("4-bit tiles must be 64-byte aligned")
+        return tiles
 
 
 def q4_from_blocks(qtype, blocks: torch.Tensor) -> Q4Weights:
