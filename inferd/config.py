@@ -128,6 +128,10 @@ class SchedulerConfig:
     """Refuse new requests with 429 when this many are already waiting (default: unbounded)."""
     enable_chunked_prefill: bool = True
     """Split long prompts across steps so decodes keep flowing."""
+    cuda_graph_sizes: list[int] = field(default_factory=list)
+    """Decode batch sizes captured as CUDA graphs (GPU; off with --enforce-eager). None: 1, 2,
+    4, then multiples of 8 up to min(2 x max-num-seqs, 512); one value N: that pattern up to
+    N; several: exactly those."""
 
 
 @dataclass
@@ -159,6 +163,12 @@ class EngineConfig:
         if self.parallel.tensor_parallel_size != 1 or self.parallel.data_parallel_size != 1:
             raise ConfigError("tensor and data parallelism are not implemented yet; "
                               "use --tensor-parallel-size 1 --data-parallel-size 1")
+        try:
+            self.scheduler.cuda_graph_sizes = [int(s) for s in self.scheduler.cuda_graph_sizes]
+        except (TypeError, ValueError):
+            raise ConfigError("--cuda-graph-sizes takes whole numbers") from None
+        if any(not 1 <= s <= 4096 for s in self.scheduler.cuda_graph_sizes):
+            raise ConfigError("--cuda-graph-sizes must be between 1 and 4096")
         if self.model.quantization not in (None, "int8", "int4"):
             raise ConfigError(f"--quantization {self.model.quantization!r} is not one of int8, int4")
         if not 0.0 < self.cache.gpu_memory_utilization <= 1.0:

@@ -25,7 +25,8 @@ def _str(name: str, default: str) -> str:
 _VARIABLES: dict[str, Callable[[], Any]] = {
     # Download hub ids from ModelScope, not the Hugging Face Hub (needs `pip install modelscope`).
     "INFERD_USE_MODELSCOPE": lambda: _bool("INFERD_USE_MODELSCOPE", False),
-    # Force an attention backend: auto | torch | flash (`auto`: flash-attn on CUDA if installed).
+    # Force an attention backend: auto | torch | flash | triton | cpu (`auto`: flash-attn on
+    # CUDA if installed, else triton; inferd's kernels on CPU).
     "INFERD_ATTENTION_BACKEND": lambda: _str("INFERD_ATTENTION_BACKEND", "auto").lower(),
     # Root logger level for inferd's loggers.
     "INFERD_LOGGING_LEVEL": lambda: _str("INFERD_LOGGING_LEVEL", "INFO").upper(),

@@ -8,6 +8,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The Triton decode kernel (the CUDA path's) runs on CPU tensors in Triton's interpreter, so CI
+# checks it without a GPU. Read when triton is first imported, hence before anything else.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from inferd.config import package_dir
 

@@ -30,6 +30,10 @@ class AttentionMetadata:
     block_size: int
     causal: bool = True
     """False for encoders (BERT): bidirectional attention within each sequence, no KV cache."""
+    static: bool = False
+    """A captured CUDA graph's decode batch (`worker/cuda_graphs.py`): every row is a decode,
+    and the host lists describe the capture (each row at the longest context the block tables
+    hold), not the replay; only the device tensors carry each replay's values."""
     scratch: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
     """Tensors a backend derives from this metadata in the first layer and reuses in the
     others (gather indices, masks): built once per step instead of once per layer."""

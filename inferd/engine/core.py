@@ -36,6 +36,7 @@ class EngineCore:
         torch.manual_seed(config.model.seed)
         self.runner = self._init_runner()
         self.num_blocks, self.max_model_len = self._init_kv_cache()
+        self._init_cuda_graphs()
         self.kv = KVCacheManager(self.num_blocks, config.cache.block_size,
                                  config.cache.enable_prefix_caching and not self.info.is_pooling)
         budget = config.scheduler.max_num_batched_tokens or max(DEFAULT_BATCHED_TOKENS, 0)
@@ -107,6 +108,19 @@ class EngineCore:
                     "for %d tokens per request: %.2fx", num_blocks, cc.block_size,
                     num_blocks * per_block / 2**30, capacity, max_len, capacity / max_len)
         return num_blocks, max_len
+
+    def _init_cuda_graphs(self) -> None:
+        if (self.device.type != "cuda" or self.config.model.enforce_eager
+                or self.info.is_pooling):
+            return
+        from inferd.attention.backends.triton_attn import HAS_TRITON
+        from inferd.worker.cuda_graphs import capture_sizes
+        if not HAS_TRITON:  # captured decodes read the cache with the Triton kernel
+            logger.warning("CUDA graphs need triton (`pip install triton`); running eagerly")
+            return
+        sc = self.config.scheduler
+        sizes = capture_sizes(sc.cuda_graph_sizes, sc.max_num_seqs)
+        self.runner.init_decode_graphs(sizes, self.max_model_len, capture=True)
 
     # --- requests --------------------------------------------------------------------------
     def add_request(self, r: EngineCoreRequest) -> EngineCoreOutput | None:

@@ -20,7 +20,8 @@ class LLM:
                  revision: str | None = None, download_dir: str | None = None,
                  generation_config: str = "auto", enable_chunked_prefill: bool = True,
                  runner: str = "auto", convert: str = "auto", pooler_config: dict | None = None,
-                 quantization: str | None = None):
+                 quantization: str | None = None, enforce_eager: bool = False,
+                 cuda_graph_sizes: list[int] | None = None):
         if model is None:
             from inferd.config import default_model_path
             model = default_model_path()
@@ -28,12 +29,14 @@ class LLM:
             model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed,
                               revision=revision, download_dir=download_dir,
                               generation_config=generation_config, runner=runner, convert=convert,
-                              pooler_config=pooler_config, quantization=quantization),
+                              pooler_config=pooler_config, quantization=quantization,
+                              enforce_eager=enforce_eager),
             cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
                               enable_prefix_caching=enable_prefix_caching,
                               num_gpu_blocks_override=num_gpu_blocks_override),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                      enable_chunked_prefill=enable_chunked_prefill),
+                                      enable_chunked_prefill=enable_chunked_prefill,
+                                      cuda_graph_sizes=list(cuda_graph_sizes or [])),
             device=device)
         self.engine = LLMEngine(config)
         self._ids = itertools.count()

@@ -10,6 +10,7 @@ import torch
 from inferd.attention.metadata import AttentionMetadata, build_batch
 from inferd.request import Request
 from inferd.scheduler.output import ScheduledRequest, SchedulerOutput
+from inferd.worker.cuda_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,15 @@ class ModelRunner:
         self.grammar_manager = None  # set by the engine when a structured request arrives
         from inferd.sample.sampler import Sampler
         self.sampler = Sampler()
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def init_decode_graphs(self, sizes: list[int], max_model_len: int, capture: bool) -> None:
+        """Serve decode-only steps of up to max(sizes) sequences from CUDA graphs (`capture`),
+        or from the same padded static buffers run eagerly (CPU tests). After init_kv_cache."""
+        scratch = self.kv_caches[0].shape[1] - 1
+        self.decode_graphs = DecodeGraphs(self.model, self.device, sizes, max_model_len,
+                                          self.block_size, scratch, capture)
+        self.decode_graphs.capture_all()
 
     # --- KV cache ------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -66,10 +76,12 @@ class ModelRunner:
         return sum(2 * self.block_size * a.num_kv_heads * a.head_dim * itemsize for a in layers)
 
     def init_kv_cache(self, num_blocks: int) -> None:
+        """`num_blocks` for the KV manager plus one scratch block at index `num_blocks`, which
+        it never hands out: the padded rows of a captured decode batch write and read there."""
         self.kv_caches = []
         for layer in self.model.attention_layers():
-            cache = lazy_zeros((2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim),
-                               self.dtype, self.device)
+            cache = lazy_zeros((2, num_blocks + 1, self.block_size, layer.num_kv_heads,
+                                layer.head_dim), self.dtype, self.device)
             layer.kv_cache = cache
             self.kv_caches.append(cache)
 
@@ -83,7 +95,11 @@ class ModelRunner:
         extra = {}
         if getattr(self.model, "uses_token_type_ids", False):
             extra["token_type_ids"] = self._token_type_ids(sched.scheduled)
-        hidden = self.model(input_ids, positions, meta, **extra)
+        graphs = self.decode_graphs
+        if graphs is not None and not extra and graphs.applies(meta):
+            hidden = graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, meta, **extra)
         pooling = [s for s in sched.scheduled if s.request.is_pooling]
         if pooling:
             self._pool(hidden, meta, sched.scheduled, out)

@@ -92,7 +92,14 @@ def cpu_backend() -> CPUBackend:
     return CPUBackend(lib)
 
 
-BACKENDS = {"torch": TorchSDPABackend, "cpu": cpu_backend}
+def triton_backend():
+    from inferd.attention.backends.triton_attn import HAS_TRITON, TritonBackend
+    if not HAS_TRITON:  # installed with xgrammar, so only a partial install skips
+        pytest.skip("triton not installed")
+    return TritonBackend()  # its decode kernel in Triton's interpreter (tests/conftest.py)
+
+
+BACKENDS = {"torch": TorchSDPABackend, "cpu": cpu_backend, "triton": triton_backend}
 # Tolerances against the float64 reference: fp32 accumulation in every backend; the 16-bit
 # formats round inputs and outputs (bf16 keeps 8 bits of mantissa).
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
@@ -203,5 +210,7 @@ def test_flash_backend_call_contract(monkeypatch, window):
 def test_backend_selection():
     expected_cpu = "cpu" if cpu_kernels.load() is not None else "torch_sdpa"
     assert get_attention_backend("cpu").name == expected_cpu
-    expected = "flash_attn" if flash_module.HAS_FLASH_ATTN else "torch_sdpa"
+    from inferd.attention.backends.triton_attn import HAS_TRITON
+    expected = ("flash_attn" if flash_module.HAS_FLASH_ATTN
+                else "triton" if HAS_TRITON else "torch_sdpa")
     assert get_attention_backend("cuda").name == expected

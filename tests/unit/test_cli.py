@@ -52,6 +52,8 @@ def test_vllm_flag_names_both_spellings_and_values():
     assert server.reasoning_parser == "qwen3"
     assert engine.model.pooler_config == {"pooling_type": "MEAN"}
     assert (engine.model.runner, engine.model.convert) == ("pooling", "embed")
+    engine, _ = build_configs(parse("serve", "m", "--cuda_graph_sizes", "1", "8", "--enforce-eager"))
+    assert engine.scheduler.cuda_graph_sizes == [1, 8] and engine.model.enforce_eager
 
 
 def test_boolean_flags_have_no_forms_and_queue_alias():
@@ -116,6 +118,8 @@ def test_api_key_from_environment_and_flag_wins(monkeypatch):
     (["serve", "m", "--structured-outputs-config.backend", "outlines"], "only auto and xgrammar"),
     (["serve", "m", "--structured-outputs-config.nope", "1"], "unsupported key(s) ['nope']"),
     (["serve", "m", "--structured-outputs-config.enable_in_reasoning"], "needs a value"),
+    (["serve", "m", "--cuda-graph-sizes", "8", "x"], "--cuda-graph-sizes takes whole numbers"),
+    (["serve", "m", "--cuda-graph-sizes", "0"], "--cuda-graph-sizes must be between 1 and 4096"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_bad_flags_are_clear_usage_errors(argv, message, capsys):

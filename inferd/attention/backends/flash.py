@@ -33,7 +33,9 @@ class FlashAttentionBackend:
     name = "flash_attn"
 
     def __init__(self) -> None:
-        self._fallback = TorchSDPABackend()
+        from inferd.attention.backends.triton_attn import HAS_TRITON, TritonBackend
+        # fp32 (which flash-attn does not take) decodes through Triton where it is installed.
+        self._fallback = TritonBackend() if HAS_TRITON else TorchSDPABackend()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor | None, meta: AttentionMetadata, *, scale: float,
@@ -43,6 +45,11 @@ class FlashAttentionBackend:
             return self._fallback.forward(q, k, v, kv_cache, meta, scale=scale,
                                           sliding_window=sliding_window,
                                           logits_soft_cap=logits_soft_cap)
+        if meta.static:  # a captured decode batch: its host lists are the capture's, not ours
+            from inferd.attention.backends.triton_attn import paged_decode_attention
+            write_kv_cache(kv_cache, k, v, meta.slot_mapping)
+            return paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens_t, scale,
+                                          sliding_window, logits_soft_cap)
         window = (sliding_window - 1, 0) if sliding_window is not None else (-1, -1)
         if not meta.causal and sliding_window is not None:
             window = (sliding_window - 1, sliding_window - 1)
