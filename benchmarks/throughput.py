@@ -1,6 +1,7 @@
 """Offline throughput: inferd vs transformers `generate`, same model and dtype, same run.
 
     .venv/bin/python benchmarks/throughput.py [--num-requests 256] [--input-len 128] [--output-len 128]
+        [--device cpu|cuda] [--enforce-eager]
 
 Workloads: (a) N requests of I prompt + O output tokens (ignore_eos) all submitted at once;
 (b) batch-1 decode of O tokens. Prints tokens/s and inferd/transformers ratios. Run by hand;
@@ -21,9 +22,10 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
     return torch.randint(100, vocab - 100, (n, length), generator=g).tolist()
 
 
-def bench_inferd(model: str, prompts, out_len: int, dtype: str, batch1_tokens: int) -> dict:
+def bench_inferd(model: str, prompts, out_len: int, dtype: str, batch1_tokens: int,
+                 device: str = "auto", enforce_eager: bool = False) -> dict:
     from inferd import LLM, SamplingParams
-    llm = LLM(model, dtype=dtype, max_model_len=2048)
+    llm = LLM(model, dtype=dtype, max_model_len=2048, device=device, enforce_eager=enforce_eager)
     sp = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
     llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=4, ignore_eos=True))
     t = time.perf_counter()
@@ -59,17 +61,17 @@ def load_hf(model: str, torch_dtype):
 
 @torch.inference_mode()
 def bench_transformers(model: str, prompts, out_len: int, torch_dtype, batch_size: int,
-                       batch1_tokens: int) -> dict:
-    m = load_hf(model, torch_dtype)
+                       batch1_tokens: int, device: str = "cpu") -> dict:
+    m = load_hf(model, torch_dtype).to(device)
     kw = dict(do_sample=False, min_new_tokens=out_len, max_new_tokens=out_len, pad_token_id=0)
     t = time.perf_counter()
     n_out = 0
     for i in range(0, len(prompts), batch_size):
-        ids = torch.tensor(prompts[i:i + batch_size])
+        ids = torch.tensor(prompts[i:i + batch_size], device=device)
         out = m.generate(ids, attention_mask=torch.ones_like(ids), **kw)
         n_out += (out.shape[1] - ids.shape[1]) * ids.shape[0]
     dt = time.perf_counter() - t
-    ids = torch.tensor(prompts[:1])
+    ids = torch.tensor(prompts[:1], device=device)
     t = time.perf_counter()
     m.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, min_new_tokens=batch1_tokens,
                max_new_tokens=batch1_tokens, pad_token_id=0)
@@ -87,19 +89,24 @@ def main() -> None:
     ap.add_argument("--hf-batch-size", type=int, default=32)
     ap.add_argument("--batch1-tokens", type=int, default=128)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (GPU)")
     args = ap.parse_args()
-    from inferd.config import default_model_path, resolve_dtype
+    from inferd.config import default_model_path, resolve_device, resolve_dtype
     model = args.model or default_model_path()
-    torch_dtype = resolve_dtype(args.dtype, "cpu")
-    print(f"matmul probe: {matmul_probe():.0f} GFLOP/s fp32 (threads={torch.get_num_threads()})")
+    device = resolve_device(args.device)
+    torch_dtype = resolve_dtype(args.dtype, device)
+    if device == "cpu":
+        print(f"matmul probe: {matmul_probe():.0f} GFLOP/s fp32 (threads={torch.get_num_threads()})")
     prompts = random_prompts(args.num_requests, args.input_len, 49152)
-    ours = bench_inferd(model, prompts, args.output_len, args.dtype, args.batch1_tokens)
+    ours = bench_inferd(model, prompts, args.output_len, args.dtype, args.batch1_tokens, device,
+                        args.enforce_eager)
     print(f"inferd       {args.num_requests}x{args.input_len}/{args.output_len}: "
           f"{ours['throughput']:.1f} out tok/s   batch-1 decode: {ours['batch1']:.1f} tok/s   ({torch_dtype})")
     if args.skip_transformers:
         return
     ref = bench_transformers(model, prompts, args.output_len, torch_dtype, args.hf_batch_size,
-                             args.batch1_tokens)
+                             args.batch1_tokens, device)
     print(f"transformers batch {args.hf_batch_size}: {ref['throughput']:.1f} out tok/s   "
           f"batch-1 decode: {ref['batch1']:.1f} tok/s")
     print(f"ratio inferd/transformers: throughput {ours['throughput'] / ref['throughput']:.2f}x, "

@@ -8,9 +8,15 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The Triton decode kernel (the CUDA path's) runs on CPU tensors in Triton's interpreter, so CI
-# checks it without a GPU. Read when triton is first imported, hence before anything else.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+# Without a GPU (CI), the Triton decode kernel (the CUDA path's) runs on CPU tensors in
+# Triton's interpreter, so it is checked all the same. Read when triton is first imported,
+# hence before anything else. With a GPU the kernel runs compiled, as it serves.
+TRITON_ON_CPU = not torch.cuda.is_available()
+if TRITON_ON_CPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from inferd.config import package_dir
 

@@ -1,5 +1,6 @@
-"""The Triton paged decode kernel (the CUDA path's) against a float64 reference, run on CPU in
-Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+"""The Triton paged decode kernel (the CUDA path's) against a float64 reference: compiled on a
+GPU where there is one, else on CPU in Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 then).
 
 The interpreter executes the kernel's own indexing, masks and online softmax; only its dots
 are taken in fp32 (it cannot multiply bf16 operands), with p rounded to the cache dtype first
@@ -17,6 +18,12 @@ if not triton_attn.HAS_TRITON:
     pytest.skip("triton not installed", allow_module_level=True)
 
 from inferd.attention.backends.triton_attn import paged_decode_attention  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def on_device(*tensors):
+    return [t.to(DEVICE) for t in tensors]
 
 
 def reference(q, cache, tables, lens, scale, window=None, cap=None):
@@ -64,7 +71,7 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 def test_kernel_matches_reference(h, hkv, d, bs, dtype):
     q, cache, tables, lens = make(h, hkv, d, bs, LENS, dtype)
     assert not q.is_contiguous()
-    out = paged_decode_attention(q, cache, tables, lens, d ** -0.5)
+    out = paged_decode_attention(*on_device(q, cache, tables, lens), d ** -0.5).cpu()
     assert out.shape == q.shape and out.dtype == dtype
     torch.testing.assert_close(out.double(), reference(q, cache, tables, lens, d ** -0.5),
                                atol=TOL[dtype], rtol=TOL[dtype])
@@ -74,7 +81,7 @@ def test_kernel_matches_reference(h, hkv, d, bs, dtype):
                                         (17, 30.0)])
 def test_window_and_soft_cap(window, cap):
     q, cache, tables, lens = make(8, 2, 64, 16, LENS, torch.float32, seed=1)
-    out = paged_decode_attention(q, cache, tables, lens, 0.125, window, cap)
+    out = paged_decode_attention(*on_device(q, cache, tables, lens), 0.125, window, cap).cpu()
     torch.testing.assert_close(out.double(), reference(q, cache, tables, lens, 0.125, window, cap),
                                atol=2e-5, rtol=2e-5)
 
@@ -91,7 +98,7 @@ def test_only_the_tables_blocks_are_read():
         if blk not in used:
             poisoned[:, blk] = float("nan")
     poisoned[:, int(tables[0, 0]), 5:] = float("nan")  # past sequence 0's 5 tokens
-    out = paged_decode_attention(q, poisoned, tables, lens, 0.2)
+    out = paged_decode_attention(*on_device(q, poisoned, tables, lens), 0.2).cpu()
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), reference(q, cache, tables, lens, 0.2),
                                atol=2e-5, rtol=2e-5)
