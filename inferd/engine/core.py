@@ -113,10 +113,16 @@ class EngineCore:
         if (self.device.type != "cuda" or self.config.model.enforce_eager
                 or self.info.is_pooling):
             return
+        from inferd.attention.backends import get_attention_backend
         from inferd.attention.backends.triton_attn import HAS_TRITON
         from inferd.worker.cuda_graphs import capture_sizes
-        if not HAS_TRITON:  # captured decodes read the cache with the Triton kernel
-            logger.warning("CUDA graphs need triton (`pip install triton`); running eagerly")
+        backend = get_attention_backend(self.config.device).name
+        # Captured decodes read the cache with the Triton kernel; SDPA's padded gather would
+        # copy every row's whole max_model_len of K/V in each layer.
+        if not HAS_TRITON or backend not in ("triton", "flash_attn"):
+            logger.warning("CUDA graphs need triton and the triton or flash_attn attention "
+                           "backend (have: %s, triton %s); running eagerly", backend,
+                           "installed" if HAS_TRITON else "missing")
             return
         sc = self.config.scheduler
         sizes = capture_sizes(sc.cuda_graph_sizes, sc.max_num_seqs)
