@@ -109,7 +109,8 @@ class CacheConfig:
     block_size: int = 16
     """Tokens per KV-cache block."""
     kv_cache_memory: str | None = None
-    """KV pool size on CPU, e.g. '4GiB'. Default: 4 GiB, capped at a quarter of free RAM."""
+    """KV pool size, e.g. '4GiB'. Default on CPU: 4 GiB, capped at a quarter of free RAM; on a
+    GPU: what --gpu-memory-utilization leaves after the weights."""
     gpu_memory_utilization: float = 0.92
     """Fraction of GPU memory the engine may use (weights, activations and the KV pool)."""
     enable_prefix_caching: bool = True

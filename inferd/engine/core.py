@@ -68,12 +68,12 @@ class EngineCore:
 
     def _pool_bytes(self) -> int:
         cc = self.config.cache
+        if cc.kv_cache_memory:  # an explicit size wins on either device (vLLM's
+            return parse_bytes(cc.kv_cache_memory)  # --kv-cache-memory-bytes does the same)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             used = total - free
             return max(0, int(total * cc.gpu_memory_utilization) - used - 2**30)
-        if cc.kv_cache_memory:
-            return parse_bytes(cc.kv_cache_memory)
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         return min(DEFAULT_CPU_KV_BYTES, avail // 4)
 

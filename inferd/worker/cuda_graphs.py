@@ -86,9 +86,13 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         t0, free0 = time.perf_counter(), torch.cuda.mem_get_info()[0]
         pool = None
+        side = torch.cuda.Stream()
         for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its pool
-            for _ in range(2):  # warm-up: Triton's JIT, cuBLAS handles, the allocator
-                self._forward(size)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the default stream, as torch's docs ask
+                for _ in range(2):  # Triton's JIT, cuBLAS handles, the allocator
+                    self._forward(size)
+            torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):

@@ -80,9 +80,9 @@ def test_static_decodes_give_the_plain_paths_tokens(tiny_llama_dir, prompts, bac
         monkeypatch.setenv("INFERD_ATTENTION_BACKEND", "triton")  # its kernel, interpreted
     get_attention_backend.cache_clear()
     try:
-        plain = staggered(LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory="32MiB"),
+        plain = staggered(LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory="32MiB", device="cpu"),
                           prompts, N_TOKENS)
-        llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory="32MiB")
+        llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory="32MiB", device="cpu")
         layer = llm.engine.core.runner.model.attention_layers()[0]
         calls = with_static_decodes(llm, [1, 2, 4, 8])
         assert staggered(llm, prompts, N_TOKENS) == plain
@@ -95,7 +95,7 @@ def test_static_decodes_give_the_plain_paths_tokens(tiny_llama_dir, prompts, bac
 
 
 def test_batches_past_the_largest_size_run_the_plain_path(tiny_llama_dir, prompts):
-    llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory="32MiB")
+    llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory="32MiB", device="cpu")
     plain = staggered(llm, prompts, N_TOKENS)
     calls = with_static_decodes(llm, [1, 2])
     assert staggered(llm, prompts, N_TOKENS) == plain
@@ -103,7 +103,7 @@ def test_batches_past_the_largest_size_run_the_plain_path(tiny_llama_dir, prompt
 
 
 def test_padded_rows_touch_only_the_scratch_block(tiny_llama_dir):
-    llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory="32MiB")
+    llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory="32MiB", device="cpu")
     core = llm.engine.core
     runner, bs = core.runner, core.config.cache.block_size
     assert runner.kv_caches[0].shape[1] == core.num_blocks + 1  # the scratch block

@@ -32,6 +32,31 @@ _PAGED_BLOCK_MULTIPLE = 256  # flash-attn 2's requirement for block_table
 class FlashAttentionBackend:
     name = "flash_attn"
 
+    @staticmethod
+    def _query_bounds(meta: AttentionMetadata, device: torch.device) -> tuple[torch.Tensor, int]:
+        """(cu_seqlens_q, max query length), once per step: the copy from the host goes
+        through pinned memory without a stream sync, not once per layer."""
+        cached = meta.scratch.get("flash_q")
+        if cached is None:
+            host = torch.tensor(meta.query_start_loc, dtype=torch.int32)
+            if device.type == "cuda":
+                host = host.pin_memory()
+            cached = meta.scratch["flash_q"] = (
+                host.to(device, non_blocking=True),
+                max(meta.query_len(i) for i in range(meta.num_seqs)))
+        return cached
+
+    @staticmethod
+    def _context(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(cu_seqlens_k, every context's flat cache slots or None when flash-attn pages the
+        cache itself), once per step."""
+        cached = meta.scratch.get("flash_k")
+        if cached is None:
+            cu_k = F.pad(torch.cumsum(meta.seq_lens_t, 0, dtype=torch.int32), (1, 0))
+            paged = meta.block_size % _PAGED_BLOCK_MULTIPLE == 0
+            cached = meta.scratch["flash_k"] = (cu_k, None if paged else context_slots(meta))
+        return cached
+
     def __init__(self) -> None:
         from inferd.attention.backends.triton_attn import HAS_TRITON, TritonBackend
         # fp32 (which flash-attn does not take) decodes through Triton where it is installed.
@@ -47,14 +72,15 @@ class FlashAttentionBackend:
                                           logits_soft_cap=logits_soft_cap)
         if meta.static:  # a captured decode batch: its host lists are the capture's, not ours
             from inferd.attention.backends.triton_attn import paged_decode_attention
+            if q.dtype != kv_cache.dtype:
+                raise ValueError("a captured decode batch needs q in the cache's dtype")
             write_kv_cache(kv_cache, k, v, meta.slot_mapping)
             return paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens_t, scale,
                                           sliding_window, logits_soft_cap)
         window = (sliding_window - 1, 0) if sliding_window is not None else (-1, -1)
         if not meta.causal and sliding_window is not None:
             window = (sliding_window - 1, sliding_window - 1)
-        cu_q = torch.tensor(meta.query_start_loc, dtype=torch.int32, device=q.device)
-        max_q = max(meta.query_len(i) for i in range(meta.num_seqs))
+        cu_q, max_q = self._query_bounds(meta, q.device)
         common = dict(softmax_scale=scale, causal=meta.causal, window_size=window,
                       softcap=logits_soft_cap or 0.0)
         if kv_cache is None:
@@ -63,12 +89,11 @@ class FlashAttentionBackend:
             return flash_attn_varlen_func(q, k, v, cu_q, cu_q, max_q, max_q, **common)
 
         write_kv_cache(kv_cache, k, v, meta.slot_mapping)
-        cu_k = F.pad(torch.cumsum(meta.seq_lens_t, 0, dtype=torch.int32), (1, 0))
+        cu_k, slots = self._context(meta)
         if meta.block_size % _PAGED_BLOCK_MULTIPLE == 0:
             return flash_attn_varlen_func(q, kv_cache[0], kv_cache[1], cu_q, cu_k, max_q,
                                           meta.max_seq_len, block_table=meta.block_tables,
                                           **common)
-        slots = context_slots(meta)
         flat = kv_cache.flatten(1, 2)
         keys = flat[0].index_select(0, slots)
         values = flat[1].index_select(0, slots)

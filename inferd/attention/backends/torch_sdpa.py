@@ -39,6 +39,12 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     """q [B, H, Lq, D], k/v [B, Hkv, L, D], mask broadcastable to [B, 1, Lq, L] -> [B, H, Lq, D]."""
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     if soft_cap is None:
+        if q.is_cuda and mask is not None and num_heads != num_kv_heads:
+            # CUDA's memory-efficient kernel takes a mask but not GQA; left to enable_gqa, SDPA
+            # would fall back to its math kernel and materialise fp32 scores [H, Lq, L].
+            groups = num_heads // num_kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            num_kv_heads = num_heads
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                               scale=scale, enable_gqa=num_heads != num_kv_heads)
     # Manual path: group query heads by their KV head so K/V are never repeated in memory.

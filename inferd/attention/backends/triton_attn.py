@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = tl = None
     HAS_TRITON = False
 
-BLOCK_N = 32  # keys per softmax tile: two 16-token cache blocks
+BLOCK_N = 32  # keys per softmax tile, whatever the block size (larger tiles spill registers)
 
 
 def _paged_decode(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, scale, soft_cap, window,
@@ -91,8 +91,9 @@ def _paged_decode(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, scale, sof
 
 @functools.lru_cache(maxsize=1)
 def _kernel():
-    # jit at first use, not at import: importing this module must not need triton.
-    return triton.jit(_paged_decode)
+    # jit at first use, not at import: importing this module must not need triton. The table
+    # width changes every step; specialising on it (== 1, % 16) would recompile mid-serving.
+    return triton.jit(_paged_decode, do_not_specialize=["stride_tb", "window"])
 
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -126,10 +127,12 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         values.stride(0), values.stride(1), values.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
         HEAD_DIM_P=max(16, triton.next_power_of_2(d)), BLOCK_SIZE=kv_cache.shape[2],
-        BLOCK_N=max(BLOCK_N, kv_cache.shape[2]), HAS_CAP=soft_cap is not None,
+        BLOCK_N=BLOCK_N, HAS_CAP=soft_cap is not None,
         HAS_WINDOW=sliding_window is not None,
         # fp32 dots are exact (not tf32); the interpreter's dot cannot take bf16/fp16 operands.
-        DOT_F32=q.dtype == torch.float32 or q.device.type == "cpu")
+        DOT_F32=q.dtype == torch.float32 or q.device.type == "cpu",
+        # fp32 dots (FMA, not tensor cores) and 256-wide heads spill registers with 4 warps
+        num_warps=8 if q.dtype == torch.float32 or d > 128 else 4)
     return out
 
 
@@ -142,6 +145,8 @@ class TritonBackend(TorchSDPABackend):
                  scale: float, sliding_window: int | None,
                  soft_cap: float | None) -> torch.Tensor:
         if q.dtype != kv_cache.dtype:
+            if meta.static:  # SDPA would gather every row's whole max_model_len in the graph
+                raise ValueError("a captured decode batch needs q in the cache's dtype")
             return super()._decodes(q, kv_cache, meta, scale, sliding_window, soft_cap)
         n = meta.num_decodes
         return paged_decode_attention(q[:n], kv_cache, meta.block_tables[:n], meta.seq_lens_t[:n],
