@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import msgspec
 import zmq
@@ -71,6 +71,9 @@ class AsyncLLM:
         config.model.max_model_len = ready.max_model_len
         self.model_config = config.model
         self.processor = OutputProcessor(self.tokenizer, self.stats_sinks)
+        # Called with a request's sequence count just before it is registered; raises to
+        # refuse it (the server's --max-num-queued-requests).
+        self.admission: Callable[[int], None] | None = None
         self._enc = msgspec.msgpack.Encoder()
         self._dec = msgspec.msgpack.Decoder(EngineCoreOutputs)
         self._queues: dict[str, asyncio.Queue] = {}
@@ -180,12 +183,19 @@ class AsyncLLM:
     def num_unfinished_requests(self) -> int:
         return len(self.processor.parents)
 
+    def num_unfinished_seqs(self) -> int:
+        return self.processor.num_unfinished_seqs()
+
     # --- requests --------------------------------------------------------------------------------
     async def _submit(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                       params: SamplingParams | PoolingParams, cache_salt: str | None) -> asyncio.Queue:
         await self.start()
         if self.errored:
             raise EngineDeadError(self._dead or "engine process is not running")
+        if self.admission is not None:
+            # Checked and registered with no await between: requests arriving together cannot
+            # all see the same free queue.
+            self.admission(1 if isinstance(params, PoolingParams) else params.n)
         q: asyncio.Queue = asyncio.Queue()
         if not self.processor.parents:
             self._last_output = time.monotonic()  # idle until now is not a stall

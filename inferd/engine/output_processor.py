@@ -109,6 +109,10 @@ class OutputProcessor:
             cp.seed = (cp.seed + i + 2**63) % 2**64 - 2**63
         return cp
 
+    def num_unfinished_seqs(self) -> int:
+        """Engine sequences still running or waiting: an n-choice request counts n."""
+        return sum(not c.finished for p in self.parents.values() for c in p.children)
+
     def engine_ids(self, request_id: str) -> list[str]:
         p = self.parents.get(request_id)
         return [c.engine_id for c in p.children if not c.finished] if p else []

@@ -143,3 +143,35 @@ def test_full_waiting_queue_is_429_with_retry_after(http, server):
     waiter.join(120)
     assert waiting_result["status"] == 200  # the queued request was served, not dropped
     assert value(scrape(http), "request_rejected_total", reason="queue_full") == rejected + 3
+
+
+def test_queue_counts_choices_and_admits_a_burst_one_at_a_time(http, server):
+    """With the one slot taken and the one waiting place free: n=2 needs two places (429); of
+    three requests sent at the same moment exactly one queues, the others see it (429)."""
+    rejected = value(scrape(http), "request_rejected_total", reason="queue_full")
+    body = {"model": MODEL_NAME, "prompt": "Busy", "max_tokens": 400, "ignore_eos": True}
+    with httpx.Client(base_url=server.base_url, timeout=120) as running_client, \
+            running_client.stream("POST", "/v1/completions", json={**body, "stream": True}) as running:
+        assert running.status_code == 200
+        lines = running.iter_lines()
+        next(lines)  # the one batch slot is taken; nothing waits
+        resp = http.post("/v1/completions", json={**body, "max_tokens": 2, "n": 2})
+        assert resp.status_code == 429, resp.text
+        statuses: list[int] = []
+        gate = threading.Barrier(3)
+
+        def send() -> None:
+            gate.wait()
+            statuses.append(httpx.post(server.url_for("v1/completions"), timeout=120,
+                                       json={**body, "max_tokens": 2}).status_code)
+        burst = [threading.Thread(target=send) for _ in range(3)]
+        for t in burst:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(statuses) < 2:  # the two refusals come back at once; the admitted one waits
+            assert time.monotonic() < deadline, statuses
+            time.sleep(0.05)
+    for t in burst:
+        t.join(120)
+    assert sorted(statuses) == [200, 429, 429]
+    assert value(scrape(http), "request_rejected_total", reason="queue_full") == rejected + 3

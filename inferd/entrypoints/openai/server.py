@@ -111,8 +111,10 @@ def start_engine(engine_config: EngineConfig, server_config: ServerConfig) -> Se
         logger.info("Default sampling parameters have been overridden by the model's generation "
                     "config: %s. If this is not intended, relaunch with --generation-config vllm.",
                     engine.generation_defaults)
-    return ServerState(engine=engine, config=server_config, metrics=metrics, health=health,
-                       max_num_seqs=engine_config.scheduler.max_num_seqs)
+    state = ServerState(engine=engine, config=server_config, metrics=metrics, health=health,
+                        max_num_seqs=engine_config.scheduler.max_num_seqs)
+    engine.admission = state.check_capacity
+    return state
 
 
 def server_url(config: ServerConfig) -> str:

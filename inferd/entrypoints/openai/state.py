@@ -146,18 +146,21 @@ class ServerState:
     def num_waiting(self) -> int:
         """Requests admitted but not yet running: the larger of the last step's count and the
         overflow beyond max_num_seqs (the step count lags a burst of arrivals)."""
-        unfinished = self.engine.num_unfinished_requests()
+        unfinished = self.engine.num_unfinished_seqs()
         stats = self.health.last_stats
         from_stats = stats.num_waiting_reqs if stats is not None else 0
         return min(unfinished, max(from_stats, unfinished - self.max_num_seqs))
 
     def check_capacity(self, n: int = 1) -> None:
-        """Refuse (429 + Retry-After) when admitting `n` more requests would overfill the
-        waiting queue. Call before any byte of the response is produced."""
+        """Refuse (429 + Retry-After) when admitting `n` more sequences (an n-choice request is
+        n) would overfill the waiting queue. Called before any byte of the response is produced:
+        once per POST up front (cheap, before tokenizing), and by the engine client for each
+        request right before it registers it (`AsyncLLM.admission`), which is what makes a
+        burst of simultaneous requests see each other."""
         limit = self.config.max_num_queued_requests
         if limit is None:
             return
-        unfinished = self.engine.num_unfinished_requests()
+        unfinished = self.engine.num_unfinished_seqs()
         waiting = self.num_waiting()
         free_slots = max(0, self.max_num_seqs - (unfinished - waiting))
         # FCFS: while anyone waits, a newcomer waits too; otherwise only the overflow waits.
