@@ -111,6 +111,25 @@ def test_tool_call_arguments_string_becomes_object(tok):
         ours(tok, as_object, TOOL_TEMPLATE, tools=TOOLS)
 
 
+@pytest.mark.parametrize("missing", [None, "absent"])
+def test_tool_call_turn_without_content_renders_as_empty(tok, missing):
+    """SDKs send back an assistant tool-call turn with content None (or none at all); a
+    template that concatenates it must not fail. SmolLM2's template does `+ content`."""
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    turn = {"role": "assistant", "tool_calls": [call]}
+    if missing is None:
+        turn["content"] = None
+    msgs = [{"role": "user", "content": "Weather?"}, turn,
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    empty = [msgs[0], {**turn, "content": ""}, msgs[2]]
+    assert ours(tok, msgs) == ours(tok, empty)
+    assert ours(tok, msgs, TOOL_TEMPLATE, tools=TOOLS) == ours(tok, empty, TOOL_TEMPLATE,
+                                                                tools=TOOLS)
+    # a parts template iterates the content: an empty list, not a string
+    assert ours(tok, msgs[:2], PARTS_TEMPLATE) == "<user>[Weather?]<assistant><assistant>"
+
+
 def test_list_content_flattened_for_string_templates(tok):
     parts = [{"role": "user", "content": [{"type": "text", "text": "first"},
                                           {"text": "second"}]}]

@@ -226,7 +226,11 @@ def _normalize_message(message: Mapping[str, Any], index: int, content_format: s
         raise BadRequest(f"messages[{index}].role must be a non-empty string", param="messages")
     out = {k: v for k, v in message.items() if v is not None or k == "content"}
     content = message.get("content")
-    if content is not None:
+    if content is None:
+        # An assistant turn with only tool calls comes back from the SDKs with content None
+        # (or none at all); templates concatenate it, so it renders as empty, as vLLM does.
+        out["content"] = [] if content_format == "openai" and role != "tool" else ""
+    else:
         texts = [content] if isinstance(content, str) else _text_parts(content, index)
         # Tool results are always flattened: templates print them as a string.
         if content_format == "openai" and role != "tool":
