@@ -106,9 +106,10 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, max_top_
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of all strictly higher-ranked tokens
     p = top_p.unsqueeze(1)
-    # The top token always stays (mass before it is 0 < p). p == 1.0 (off) never drops:
-    # rounding can push the cumulative sum to 1 before the tail.
+    # The top token always stays, also for a p so small that float32 holds it as 0. p == 1.0
+    # (off) never drops: rounding can push the cumulative sum to 1 before the tail.
     drop = (mass_before >= p) & (p < 1.0)
+    drop[:, 0] = False
     sorted_logits.masked_fill_(drop, NEG_INF)
     return logits.scatter_(1, sorted_idx, sorted_logits)
 

@@ -83,6 +83,20 @@ def test_sampling_extras_pass_through():
     assert p.allowed_token_ids == [1, 2] and not p.skip_special_tokens
 
 
+def test_null_means_the_default_for_fields_that_have_no_none():
+    """The openai SDK sends `n=None` as null; OpenAI's schema and vLLM accept it."""
+    nulls = dict(n=None, echo=None, min_tokens=None, ignore_eos=None, use_beam_search=None,
+                 skip_special_tokens=None, include_stop_str_in_output=None, temperature=None)
+    p = completion_params(**nulls)
+    assert (p.n, p.min_tokens, p.ignore_eos, p.skip_special_tokens) == (1, 0, False, True)
+    assert p.temperature == 0.7  # None where None is a value: the generation-config default
+    chat = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], n=None,
+                                 echo=None, add_generation_prompt=None)
+    assert (chat.n, chat.echo, chat.add_generation_prompt) == (1, False, True)
+    with pytest.raises(ValidationError):  # a required field is still required
+        ChatCompletionRequest(messages=None)
+
+
 def test_unknown_fields_are_ignored_and_int64_seed_accepted():
     req = CompletionRequest(prompt="x", best_of=3, guided_json={}, seed=2**63 - 1)
     assert req.seed == 2**63 - 1

@@ -217,6 +217,19 @@ def test_sampling_frequencies_follow_tempered_distribution():
     torch.testing.assert_close(freq, want, atol=0.015, rtol=0)
 
 
+@pytest.mark.parametrize("top_k", [-1, 5])
+def test_top_p_below_float32_keeps_the_top_token(top_k):
+    """1e-300 passes the (0, 1] check but is 0 in float32: the most likely token must still
+    stay (it did not: every token was masked and the row sampled garbage)."""
+    logits = rand_logits(4, seed=11)
+    meta = build([SamplingParams(temperature=1.0, top_p=1e-300, top_k=top_k)] * 4)
+    k = torch.full((4,), V if top_k < 0 else top_k)
+    out = ops.apply_top_k_top_p(logits.clone(), None if top_k < 0 else k, 5, meta.top_p)
+    assert torch.isfinite(out).sum(-1).tolist() == [1] * 4
+    assert out.argmax(-1).tolist() == logits.argmax(-1).tolist()
+    assert Sampler()(logits.clone(), meta).sampled_token_ids.tolist() == logits.argmax(-1).tolist()
+
+
 def test_top_k_restricts_samples():
     torch.manual_seed(0)
     logits = rand_logits(1, seed=9).repeat(2000, 1)

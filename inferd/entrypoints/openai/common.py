@@ -12,9 +12,11 @@ import math
 import secrets
 import time
 from dataclasses import dataclass
+import types
+import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from inferd.entrypoints.openai.errors import BadRequest
 from inferd.outputs import Logprob, PositionLogprobs
@@ -91,9 +93,32 @@ class ResponseFormat(BaseModel):
         return StructuredOutputsParams(structural_tag=tag)
 
 
+def _non_nullable_fields(cls: type[BaseModel]) -> frozenset[str]:
+    cached = cls.__dict__.get("_non_nullable")
+    if cached is None:
+        def nullable(ann: Any) -> bool:
+            return (ann is None or ann is type(None) or ann is Any
+                    or (typing.get_origin(ann) in (typing.Union, types.UnionType)
+                        and type(None) in typing.get_args(ann)))
+        cached = frozenset(name for name, f in cls.model_fields.items()
+                           if not nullable(f.annotation))
+        setattr(cls, "_non_nullable", cached)
+    return cached
+
+
 class SamplingFields(BaseModel):
     """Fields of both APIs. Unknown fields are accepted and ignored (vLLM behaviour)."""
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """OpenAI's schema lets most fields be null (`n=None` from the SDK is sent as null)
+        and vLLM accepts them: null in a field that has no None value means its default."""
+        if isinstance(data, dict):
+            drop = _non_nullable_fields(cls)
+            return {k: v for k, v in data.items() if v is not None or k not in drop}
+        return data
 
     model: str | None = None
     n: int = Field(default=1, ge=1, le=MAX_N)
