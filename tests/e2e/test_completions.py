@@ -290,6 +290,13 @@ def test_prompt_validation_messages(http, tokenizer):
                      "This model's maximum context length is 512 tokens. However, you requested "
                      "600 output tokens")
     assert err["param"] == "input_tokens"
+    # A text too long for any tokenization to fit is refused before it is tokenized...
+    err = assert_400(http, {"prompt": "ab " * 20000}, "your prompt contains 60000 input characters")
+    assert err["param"] == "input_text"
+    # ... unless truncation was asked for
+    ok = http.post("/v1/completions", json={"prompt": "ab " * 20000, "truncate_prompt_tokens": 8,
+                                            "max_tokens": 1})
+    assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == 8
 
 
 @pytest.mark.parametrize("body", [

@@ -253,6 +253,22 @@ async def encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[in
     return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
 
+# No tokenizer we serve averages anywhere near this many characters per token (English BPE is
+# ~4, long whitespace runs in code vocabularies a few dozen), so a longer text cannot fit.
+MAX_CHARS_PER_TOKEN = 100
+
+
+def check_text_length(text: str, limits: ModelLimits, truncate: int | None) -> None:
+    """Refuse a text that cannot fit the context before spending CPU on tokenizing it (a 30 MB
+    body took ~19 s of a worker thread). With truncation asked for, any length is fine."""
+    if truncate is None and len(text) > MAX_CHARS_PER_TOKEN * limits.max_model_len:
+        raise BadRequest(
+            f"This model's maximum context length is {limits.max_model_len} tokens. However, "
+            f"your prompt contains {len(text)} input characters, more than "
+            f"{MAX_CHARS_PER_TOKEN * limits.max_model_len} characters of text can fit in it. "
+            "Please reduce the length of the input prompt.", param="input_text")
+
+
 def check_prompt_ids(ids: list[int], limits: ModelLimits) -> None:
     if not ids:
         raise BadRequest("The decoder prompt cannot be empty", param="prompt")

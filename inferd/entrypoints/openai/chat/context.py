@@ -14,7 +14,7 @@ from inferd.entrypoints.openai.chat.tools import ForcedToolCalls, ToolMode, forc
 from inferd.entrypoints.openai.chat_template import render_chat, select_template, \
     special_tokens_of, tools_for_template
 from inferd.entrypoints.openai.common import ModelLimits, TokenText, check_prompt_ids, \
-    check_structured, encode, now, truncate_prompt, usage_json
+    check_structured, check_text_length, encode, now, truncate_prompt, usage_json
 from inferd.entrypoints.openai.state import ServerState
 from inferd.entrypoints.parsers import ChatOutputParser
 from inferd.entrypoints.parsers.reasoning.base import ReasoningParser, get_reasoning_parser
@@ -120,6 +120,7 @@ async def prepare(req: ChatCompletionRequest, state: ServerState, request_id: st
         continue_final_message=req.continue_final_message,
         content_format=config.chat_template_content_format,  # type: ignore[arg-type]
         template_kwargs=kwargs)
+    check_text_length(prompt_text, limits, req.truncate_prompt_tokens)
     ids = await encode(engine.tokenizer, prompt_text, req.add_special_tokens)
     ids = truncate_prompt(ids, req.truncate_prompt_tokens, limits)
     check_prompt_ids(ids, limits)

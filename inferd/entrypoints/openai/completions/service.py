@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inferd.entrypoints.openai.common import ModelLimits, TokenText, check_prompt_ids, \
-    check_structured, completion_logprobs, encode, now, prompt_logprobs_json, truncate_prompt, \
-    usage_json
+    check_structured, check_text_length, completion_logprobs, encode, now, prompt_logprobs_json, \
+    truncate_prompt, usage_json
 from inferd.entrypoints.openai.completions.schemas import CompletionRequest
 from inferd.entrypoints.openai.state import ServerState
 from inferd.entrypoints.openai.streaming import merge_async_iterators, prime
@@ -65,6 +65,7 @@ async def prepare(req: CompletionRequest, state: ServerState, request_id: str) -
     prompts = []
     for prompt in req.prompt_list():
         if isinstance(prompt, str):
+            check_text_length(prompt, limits, req.truncate_prompt_tokens)
             ids = await encode(engine.tokenizer, prompt, req.add_special_tokens)
             text: str | None = prompt
         else:
