@@ -197,17 +197,30 @@ def fake_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, 
 
 
 @pytest.mark.parametrize("window", [None, 3])
-def test_flash_backend_call_contract(monkeypatch, window):
-    """The CUDA backend's inputs to flash-attn (packed context, cu_seqlens, window) are right.
+@pytest.mark.parametrize("triton_decodes", [False, True])
+def test_flash_backend_call_contract(monkeypatch, window, triton_decodes):
+    """The CUDA backend's inputs to flash-attn (packed context, cu_seqlens, window) are right,
+    for the whole batch or (with triton) for the prefills alone, decodes read in place.
 
     flash-attn cannot run here, so a float64 emulation of its documented API stands in."""
-    monkeypatch.setattr(flash_module, "flash_attn_varlen_func", fake_flash_varlen)
+    if triton_decodes:
+        triton_backend()  # skips where the Triton kernel cannot run on CPU tensors
+    calls = []
+
+    def fake(q, k, *args, **kw):
+        calls.append((q.shape[0], k.shape[0]))
+        return fake_flash_varlen(q, k, *args, **kw)
+    monkeypatch.setattr(flash_module, "flash_attn_varlen_func", fake)
     kv_cache, meta, q, k, v, hk, hv = make_step(CONTEXTS, QUERIES, dtype=torch.bfloat16)
-    out = flash_module.FlashAttentionBackend().forward(q, k, v, kv_cache, meta, scale=0.25,
-                                                      sliding_window=window,
-                                                      logits_soft_cap=4.0)
+    backend = flash_module.FlashAttentionBackend()
+    backend._triton_decodes = triton_decodes
+    out = backend.forward(q, k, v, kv_cache, meta, scale=0.25, sliding_window=window,
+                          logits_soft_cap=4.0)
     ref = reference(meta, q, hk, hv, True, window, 4.0, 0.25)
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    first = meta.num_decodes if triton_decodes else 0
+    # one varlen call over the prefills' rows and only their contexts (or everyone's)
+    assert calls == [(meta.num_tokens - meta.query_start_loc[first], sum(meta.seq_lens[first:]))]
 
 
 def test_backend_selection():

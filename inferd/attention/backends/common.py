@@ -53,17 +53,18 @@ def gather_blocks(kv_cache: torch.Tensor, flat_table: torch.Tensor, num_seqs: in
     return keys.transpose(1, 2), values.transpose(1, 2)
 
 
-def context_slots(meta: AttentionMetadata) -> torch.Tensor:
-    """Flat cache slots of every sequence's whole context, concatenated: int64 [sum(seq_lens)].
+def context_slots(meta: AttentionMetadata, first: int = 0) -> torch.Tensor:
+    """Flat cache slots of the whole context of sequences [first, B), concatenated: int64
+    [sum(seq_lens[first:])].
 
     Vectorized (no per-sequence loop) so it runs as a handful of device ops.
     """
     device = meta.block_tables.device
-    total = sum(meta.seq_lens)
-    lens = meta.seq_lens_t.long()
+    total = sum(meta.seq_lens[first:])
+    lens = meta.seq_lens_t[first:].long()
     starts = torch.cumsum(lens, 0) - lens
-    seq_idx = torch.repeat_interleave(torch.arange(len(meta.seq_lens), device=device), lens,
+    seq_idx = torch.repeat_interleave(torch.arange(len(lens), device=device), lens,
                                       output_size=total)
     pos = torch.arange(total, device=device) - starts[seq_idx]
-    blocks = meta.block_tables.long()[seq_idx, pos // meta.block_size]
+    blocks = meta.block_tables[first:].long()[seq_idx, pos // meta.block_size]
     return blocks * meta.block_size + pos % meta.block_size
