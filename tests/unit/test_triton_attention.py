@@ -110,3 +110,29 @@ def test_refuses_a_query_that_does_not_fit_the_cache():
         paged_decode_attention(q[:, :3], cache, tables, lens, 0.2)  # 3 heads over 2 KV heads
     with pytest.raises(ValueError, match="does not fit"):
         paged_decode_attention(q[..., :16], cache, tables, lens, 0.2)  # head dim 16 vs 32
+
+
+@pytest.mark.parametrize("splits", [2, 4, 16])
+@pytest.mark.parametrize("window,cap", [(None, None), (9, None), (None, 5.0)])
+def test_split_keys_merge_to_the_same_attention(splits, window, cap):
+    """Flash-decoding: each sequence's keys split among programs, partial softmaxes merged.
+    16 splits of the short sequences leave most splits empty."""
+    q, cache, tables, lens = make(9, 3, 64, 16, LENS, torch.float32, seed=4)
+    out = paged_decode_attention(*on_device(q, cache, tables, lens), 0.125, window, cap,
+                                 splits=splits).cpu()
+    torch.testing.assert_close(out.double(), reference(q, cache, tables, lens, 0.125, window, cap),
+                               atol=2e-5, rtol=2e-5)
+
+
+def test_split_count_fills_the_gpu_and_no_more(monkeypatch):
+    monkeypatch.setattr(triton_attn, "_sm_count", lambda device: 132)  # an H100/H200
+    cuda = torch.device("cuda")
+    assert triton_attn.num_splits(1, 8, 8192, cuda) == 16  # 8 programs -> 128
+    assert triton_attn.num_splits(4, 8, 8192, cuda) == 8
+    assert triton_attn.num_splits(64, 8, 8192, cuda) == 1  # the batch fills the SMs
+    assert triton_attn.num_splits(1, 8, 256, cuda) == 2  # 8 tiles: two splits of 4
+    assert triton_attn.num_splits(1, 8, 64, cuda) == 1
+    assert triton_attn.num_splits(1, 8, 8192, torch.device("cpu")) == 1
+    with pytest.raises(ValueError, match="power of two"):
+        q, cache, tables, lens = make(4, 2, 32, 16, [5], torch.float32)
+        paged_decode_attention(q, cache, tables, lens, 0.2, splits=3)

@@ -53,14 +53,12 @@ class FlashAttentionBackend:
         first = 0  # the first sequence of the varlen call; those before it are decodes
         out = None
         if kv_cache is not None and meta.causal and (meta.static or self._triton_decodes):
-            from inferd.attention.backends.triton_attn import paged_decode_attention
+            from inferd.attention.backends.triton_attn import decode_attention
             if meta.static and q.dtype != kv_cache.dtype:
                 raise ValueError("a captured decode batch needs q in the cache's dtype")
             first = meta.num_decodes
             if first:  # a captured batch is all decodes: its host lists are the capture's
-                dec = paged_decode_attention(q[:first], kv_cache, meta.block_tables[:first],
-                                             meta.seq_lens_t[:first], scale, sliding_window,
-                                             logits_soft_cap)
+                dec = decode_attention(q, kv_cache, meta, scale, sliding_window, logits_soft_cap)
                 if first == meta.num_seqs:
                     return dec
                 out = torch.empty_like(q)
