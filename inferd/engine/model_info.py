@@ -89,6 +89,9 @@ def read_model_info(cfg: ModelConfig) -> ModelInfo:
         defaults = {ours: gen[theirs] for theirs, ours in GEN_DEFAULT_KEYS.items()
                     if gen.get(theirs) is not None}
     from inferd.models.adapters import pooling_max_model_len, pooling_tasks
+    if is_gguf and (cfg.runner == "pooling" or cfg.convert != "auto"):
+        raise ConfigError(f"{path.name}: pooling (--runner pooling / --convert) is not supported "
+                          "for GGUF checkpoints; serve the model's safetensors folder instead")
     tasks = () if is_gguf else pooling_tasks(hf_config, cfg.convert, cfg.runner)
     max_pos = int(getattr(text_cfg, "max_position_embeddings", 0) or 2048)
     if tasks:

@@ -120,6 +120,12 @@ def test_api_key_from_environment_and_flag_wins(monkeypatch):
     (["serve", "m", "--structured-outputs-config.enable_in_reasoning"], "needs a value"),
     (["serve", "m", "--cuda-graph-sizes", "8", "x"], "--cuda-graph-sizes takes whole numbers"),
     (["serve", "m", "--cuda-graph-sizes", "0"], "--cuda-graph-sizes must be between 1 and 4096"),
+    (["serve", "m", "--reasoning-parser", "nope"],
+     "Unknown reasoning parser 'nope'; valid names: deepseek_r1, qwen3"),
+    (["serve", "m", "--enable-auto-tool-choice", "--tool-call-parser", "bogus"],
+     "Unknown tool call parser 'bogus'"),
+    (["serve", "--runner", "pooling"], "pooling (--runner pooling / --convert) is not supported "
+                                       "for GGUF checkpoints"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_bad_flags_are_clear_usage_errors(argv, message, capsys):

@@ -95,6 +95,16 @@ class ServerConfig:
             raise ConfigError("--engine-stall-timeout must be > 0 and --shutdown-timeout >= 0")
         if self.enable_auto_tool_choice and not self.tool_call_parser:
             raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser NAME (e.g. hermes)")
+        from inferd.entrypoints.parsers import UnknownParserError
+        from inferd.entrypoints.parsers.reasoning.base import get_reasoning_parser
+        from inferd.entrypoints.parsers.tools.base import get_tool_parser
+        try:  # at start-up: a typo must not turn every chat request into an error
+            if self.reasoning_parser:
+                get_reasoning_parser(self.reasoning_parser)
+            if self.tool_call_parser:
+                get_tool_parser(self.tool_call_parser)
+        except UnknownParserError as e:
+            raise ConfigError(str(e)) from None
         so = self.structured_outputs_config
         unknown = sorted(set(so) - {"backend", "enable_in_reasoning"})
         if unknown:
