@@ -139,6 +139,40 @@ def test_required_tool_choice(http, no_whitespace):
     assert len({c["id"] for c in streamed["calls"].values()}) == len(calls)
 
 
+def _tool_with_defs(name: str, key: str = "$defs", city_type: str = "string") -> dict:
+    """Parameters as Pydantic writes them: a root-relative $ref into the schema's own $defs."""
+    return {"type": "function", "function": {"name": name, "parameters": {
+        "type": "object", key: {"Loc": {"type": "object", "required": ["city"], "properties": {
+            # an enum: the tiny random-ish model would otherwise ramble inside a free string
+            "city": {"type": "string", "enum": ["Paris", "Rome"]} if city_type == "string"
+            else {"type": city_type}}}},
+        "properties": {"loc": {"$ref": f"#/{key}/Loc"}}, "required": ["loc"]}}}
+
+
+@pytest.mark.parametrize("key", ["$defs", "definitions"])
+def test_required_tool_choice_with_schema_definitions(http, no_whitespace, key):
+    tools = [_tool_with_defs("book", key), _tool_with_defs("cancel", key)]  # same Loc twice: fine
+    res = post(http, tools=tools, tool_choice="required", logit_bias=no_whitespace,
+               max_tokens=120)["choices"][0]
+    assert res["finish_reason"] == "tool_calls", res
+    for name, args in calls_of(res["message"]):
+        assert name in ("book", "cancel") and args["loc"]["city"] in ("Paris", "Rome")
+
+
+def test_required_tool_choice_schema_problems_name_the_tools(http):
+    clash = [_tool_with_defs("book"), _tool_with_defs("cancel", city_type="integer")]
+    resp = http.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": clash,
+                                                  "tool_choice": "required"})
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert err["param"] == "tools" and "$defs/Loc is defined differently" in err["message"]
+    bad = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"$ref": "#/$defs/Missing"}}}}}]
+    resp = http.post("/v1/chat/completions", json={"messages": MESSAGES, "tools": bad,
+                                                  "tool_choice": "required"})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "tools", resp.text
+
+
 def test_required_with_tiny_max_tokens_is_handled(http):
     res = post(http, tools=TOOLS, tool_choice="required", max_tokens=3)["choices"][0]
     assert res["finish_reason"] == "length" and res["message"]["tool_calls"] == []

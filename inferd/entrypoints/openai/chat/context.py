@@ -15,6 +15,7 @@ from inferd.entrypoints.openai.chat_template import render_chat, select_template
     special_tokens_of, tools_for_template
 from inferd.entrypoints.openai.common import ModelLimits, TokenText, check_prompt_ids, \
     check_structured, check_text_length, encode, now, truncate_prompt, usage_json
+from inferd.entrypoints.openai.errors import BadRequest
 from inferd.entrypoints.openai.state import ServerState
 from inferd.entrypoints.parsers import ChatOutputParser
 from inferd.entrypoints.parsers.reasoning.base import ReasoningParser, get_reasoning_parser
@@ -124,8 +125,17 @@ async def prepare(req: ChatCompletionRequest, state: ServerState, request_id: st
     ids = await encode(engine.tokenizer, prompt_text, req.add_special_tokens)
     ids = truncate_prompt(ids, req.truncate_prompt_tokens, limits)
     check_prompt_ids(ids, limits)
-    structured = forced_constraint(req, mode) or req.structured_params()
-    await check_structured(structured, engine.tokenizer)
+    forced = forced_constraint(req, mode)
+    structured = forced or req.structured_params()
+    try:
+        await check_structured(structured, engine.tokenizer)
+    except BadRequest as e:
+        if forced is None:
+            raise
+        # The client sent tools, not this schema: say which of its inputs the problem is in.
+        raise BadRequest(f"tools (joined into one schema for tool_choice "
+                         f"{'required' if mode == 'required' else 'named'}): {e.message}",
+                         param="tools") from None
     if (structured is not None and config.reasoning_parser
             and not config.structured_outputs_config.get("enable_in_reasoning")):
         structured.start_after = _grammar_start_ids(config.reasoning_parser, kwargs, prompt_text,

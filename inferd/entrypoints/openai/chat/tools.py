@@ -59,15 +59,43 @@ def forced_constraint(req: ChatCompletionRequest, mode: ToolMode) -> StructuredO
         return StructuredOutputsParams(json=tool.function.parameters or EMPTY_PARAMETERS)
     if mode != "required":
         return None
+    defs: dict[str, dict[str, Any]] = {}
     alternatives = [{"type": "object",
                      "properties": {"name": {"type": "string", "enum": [t.function.name]},
-                                    "parameters": t.function.parameters or EMPTY_PARAMETERS},
+                                    "parameters": _hoist_definitions(
+                                        t.function.parameters or EMPTY_PARAMETERS,
+                                        t.function.name, defs)},
                      "required": ["name", "parameters"]} for t in req.tools or []]
     schema: dict[str, Any] = {"type": "array", "minItems": 1,
-                              "items": {"anyOf": alternatives}}
+                              "items": {"anyOf": alternatives}, **defs}
     if req.parallel_tool_calls is False:
         schema["maxItems"] = 1
     return StructuredOutputsParams(json=schema)
+
+
+def _hoist_definitions(parameters: dict[str, Any], tool: str,
+                       defs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A tool's `$defs` / `definitions` moved to the combined schema's root, where its
+    root-relative refs (`#/$defs/X`, as Pydantic writes them) still resolve once the tool's
+    schema is nested; the same name defined differently by two tools is a 400."""
+    if not isinstance(parameters, dict):
+        return parameters
+    out = dict(parameters)
+    for key in ("$defs", "definitions"):
+        sub = out.pop(key, None)
+        if sub is None:
+            continue
+        if not isinstance(sub, dict):
+            raise BadRequest(f"tools: {tool}.parameters.{key} must be an object", param="tools")
+        bucket = defs.setdefault(key, {})
+        for name, definition in sub.items():
+            if name in bucket and bucket[name] != definition:
+                raise BadRequest(
+                    f"tools: {key}/{name} is defined differently by two tools; tool_choice "
+                    "'required' joins every tool's schema into one, so rename one of them",
+                    param="tools")
+            bucket[name] = definition
+    return out
 
 
 class ForcedToolCalls:
