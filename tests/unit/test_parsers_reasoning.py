@@ -69,6 +69,9 @@ PROMPT = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     (PROMPT + "<think>\n\n</think>\n\n", PromptThinkState.CLOSED),
     # An earlier turn's complete block says nothing about this turn.
     ("<think>old</think>answer<|im_end|>\n" + PROMPT, PromptThinkState.NONE),
+    # continue_final_message: an assistant prefill that opened reasoning and is mid-thought
+    (PROMPT + "<think>\nLet me add", PromptThinkState.OPEN),
+    ("<think>old</think>answer<|im_end|>\n" + PROMPT + "<think>\nso", PromptThinkState.OPEN),
 ])
 def test_qwen3_prompt_state(prompt, state):
     assert prompt_think_state(prompt) is state

@@ -4,7 +4,8 @@ Rules (reference §3.3), in order:
 1. `chat_template_kwargs.enable_thinking` is false, or the prompt already closed the reasoning
    block (its tail is `</think>`, as the template writes when thinking is off): all content.
 2. A leading `<think>` in the output is stripped and opens reasoning. Without one, reasoning is
-   open only if the prompt opened it (its tail is `<think>`) or the prompt is unknown (then, as
+   open only if the prompt opened it (its last `<think>` is not closed: the generation prompt,
+   or an assistant prefill continuing one) or the prompt is unknown (then, as
    vLLM does, we assume the template opened it). Otherwise the output is all content: qwen3
    needs both tags, and a model that did not open `<think>` is not reasoning.
 3. Open reasoning ends at the first `</think>`. If there is none, a bare `<tool_call>` ends it
@@ -31,7 +32,7 @@ TOOL_CALL_START = "<tool_call>"
 
 class PromptThinkState(Enum):
     UNKNOWN = "unknown"  # no prompt text given
-    OPEN = "open"        # the generation prompt ends with <think>
+    OPEN = "open"        # the prompt's last <think> is not closed (the template opened it)
     CLOSED = "closed"    # the generation prompt ends with </think> (thinking disabled)
     NONE = "none"        # the model has to open <think> itself
 
@@ -42,7 +43,9 @@ def prompt_think_state(prompt_text: str | None) -> PromptThinkState:
     if prompt_text is None:
         return PromptThinkState.UNKNOWN
     tail = prompt_text.rstrip()
-    if tail.endswith(THINK_START):
+    # An open <think> with no </think> after it: the generation prompt opened reasoning, also
+    # when an assistant prefill (continue_final_message) already wrote some of it.
+    if prompt_text.rfind(THINK_START) > prompt_text.rfind(THINK_END):
         return PromptThinkState.OPEN
     if tail.endswith(THINK_END):
         return PromptThinkState.CLOSED
