@@ -339,3 +339,20 @@ def test_smollm2_answers(smollm2):
         model=MODEL, max_tokens=40, temperature=0, messages=messages,
         response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
     assert "paris" in json.loads(res.choices[0].message.content)["city"].lower()
+
+
+def test_tokenize_renders_tools_as_the_chat_route_does(http):
+    """Tool definitions go through the same model on both routes: null fields, unknown keys and
+    a missing "type" render alike, so /tokenize counts what a chat request will use."""
+    template = "{% for t in tools %}{{ t | tojson }}\n{% endfor %}{{ messages[0].content }}"
+    tools = [{"type": "function", "function": {"name": "f", "description": None, "extra": 1,
+                                               "parameters": {"type": "object"}}},
+             {"function": {"name": "g"}}]
+    messages = [{"role": "user", "content": "hi"}]
+    counted = http.post("/tokenize", json={"messages": messages, "tools": tools,
+                                           "chat_template": template}).json()["count"]
+    resp = chat(http, messages=messages, tools=tools, tool_choice="none", chat_template=template,
+                max_tokens=1)
+    assert resp.status_code == 200, resp.text
+    used = resp.json()["usage"]["prompt_tokens"]
+    assert counted == used

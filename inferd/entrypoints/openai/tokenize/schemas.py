@@ -5,6 +5,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from inferd.entrypoints.openai.chat.schemas import ToolDefinition
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -25,7 +27,7 @@ class TokenizeChatRequest(_Request):
     add_special_tokens: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolDefinition] | None = None  # the chat route's model: both render alike
     mm_processor_kwargs: dict[str, Any] | None = None  # accepted for compatibility; text-only
     media_io_kwargs: dict[str, Any] | None = None
     return_token_strs: bool | None = False
