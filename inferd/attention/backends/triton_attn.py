@@ -153,7 +153,10 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMet
     """The step's first meta.num_decodes rows (one query each) through the kernel, split by
     the longest context the host knows of (a captured batch's: the whole table)."""
     n = meta.num_decodes
-    splits = num_splits(n, kv_cache.shape[3], max(meta.seq_lens[:n]), q.device)
+    splits = meta.scratch.get("triton_splits")
+    if splits is None:  # the same in every layer: one host pass over the batch per step
+        splits = meta.scratch["triton_splits"] = num_splits(
+            n, kv_cache.shape[3], max(meta.seq_lens[:n]), q.device)
     return paged_decode_attention(q[:n], kv_cache, meta.block_tables[:n], meta.seq_lens_t[:n],
                                   scale, sliding_window, soft_cap, splits=splits)
 

@@ -7,13 +7,14 @@ Every check here runs before a request reaches the engine, and every failure is 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import secrets
 import time
-from dataclasses import dataclass
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -93,17 +94,14 @@ class ResponseFormat(BaseModel):
         return StructuredOutputsParams(structural_tag=tag)
 
 
+@functools.cache
 def _non_nullable_fields(cls: type[BaseModel]) -> frozenset[str]:
-    cached = cls.__dict__.get("_non_nullable")
-    if cached is None:
-        def nullable(ann: Any) -> bool:
-            return (ann is None or ann is type(None) or ann is Any
-                    or (typing.get_origin(ann) in (typing.Union, types.UnionType)
-                        and type(None) in typing.get_args(ann)))
-        cached = frozenset(name for name, f in cls.model_fields.items()
-                           if not nullable(f.annotation))
-        setattr(cls, "_non_nullable", cached)
-    return cached
+    """The fields of a request model that have no None value (computed once per class)."""
+    def nullable(ann: Any) -> bool:
+        return (ann is None or ann is type(None) or ann is Any
+                or (typing.get_origin(ann) in (typing.Union, types.UnionType)
+                    and type(None) in typing.get_args(ann)))
+    return frozenset(name for name, f in cls.model_fields.items() if not nullable(f.annotation))
 
 
 class SamplingFields(BaseModel):

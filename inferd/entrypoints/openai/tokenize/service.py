@@ -4,8 +4,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable, TypeVar
 
-from inferd.entrypoints.openai.chat_template import render_chat, select_template, special_tokens_of, \
-    tools_for_template
+from inferd.entrypoints.openai.chat_template import render_chat, select_template, \
+    special_tokens_of, tools_for_template
 from inferd.entrypoints.openai.errors import BadRequest
 from inferd.entrypoints.openai.state import ServerState
 from inferd.entrypoints.openai.tokenize.schemas import (DetokenizeRequest, DetokenizeResponse,
@@ -30,7 +30,8 @@ def render_chat_prompt(state: ServerState, req: TokenizeChatRequest) -> str:
                                config.trust_request_chat_template, tokenizer)
     kwargs = {**config.default_chat_template_kwargs, **(req.chat_template_kwargs or {})}
     return render_chat(req.messages, template=template, special_tokens=special_tokens_of(tokenizer),
-                       tools=tools_for_template(req.tools), add_generation_prompt=req.add_generation_prompt,
+                       tools=tools_for_template(req.tools),
+                       add_generation_prompt=req.add_generation_prompt,
                        continue_final_message=req.continue_final_message,
                        content_format=config.chat_template_content_format, template_kwargs=kwargs)
 
