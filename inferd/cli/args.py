@@ -11,12 +11,11 @@ Both spellings `--x-y` and `--x_y` work (argv is normalised before parsing), boo
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import inspect
 import json
 import re
-import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass
@@ -91,19 +90,61 @@ FLAG_OVERRIDES: dict[str, FlagOverride] = {
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstrings written under dataclass fields (`x: int = 1` then `\"\"\"doc\"\"\"`)."""
+    """The docstrings written under dataclass fields (`x: int = 1` then `\"\"\"doc\"\"\"`).
+
+    Read with `tokenize`, not `ast`/`inspect.getsource`: CPython 3.11 before 3.11.8 keeps the
+    AST converter's recursion count in shared state, and another thread building an AST at the
+    same moment made it raise "SystemError: AST constructor recursion depth mismatch" here."""
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):
+        with tokenize.open(inspect.getsourcefile(cls) or "") as f:
+            lines = _logical_lines(f.readline)
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError):
         return {}
-    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
     docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
+    depth = None  # the class body's indentation depth once its `class` line is found
+    for i, (d, toks) in enumerate(lines):
+        if depth is None:
+            if len(toks) > 1 and toks[0].string == "class" and toks[1].string == cls.__name__:
+                depth = d + 1
+            continue
+        if d < depth:
+            break
+        nxt = lines[i + 1] if i + 1 < len(lines) else None
+        if (d == depth and len(toks) > 1 and toks[0].type == tokenize.NAME
+                and toks[1].string == ":" and nxt is not None and nxt[0] == depth
+                and len(nxt[1]) == 1 and nxt[1][0].type == tokenize.STRING):
+            docs[toks[0].string] = " ".join(_string_value(nxt[1][0].string).split())
     return docs
+
+
+def _logical_lines(readline: Callable[[], str]) -> list[tuple[int, list[tokenize.TokenInfo]]]:
+    """(indentation depth, tokens) of each logical line, comments and blank lines left out."""
+    out: list[tuple[int, list[tokenize.TokenInfo]]] = []
+    depth, current = 0, []
+    skip = (tokenize.NL, tokenize.COMMENT, tokenize.ENCODING, tokenize.ENDMARKER)
+    for tok in tokenize.generate_tokens(readline):
+        if tok.type == tokenize.INDENT:
+            depth += 1
+        elif tok.type == tokenize.DEDENT:
+            depth -= 1
+        elif tok.type == tokenize.NEWLINE:
+            if current:
+                out.append((depth, current))
+            current = []
+        elif tok.type not in skip:
+            current.append(tok)
+    return out
+
+
+def _string_value(token: str) -> str:
+    """A docstring token's text: quotes and prefix off, the escapes a doc uses undone."""
+    m = re.fullmatch(r"([rRuU]?)(\"\"\"|\'\'\'|\"|')(.*)\2", token, re.DOTALL)
+    if m is None:
+        return token
+    text = m.group(3)
+    if not m.group(1).lower() == "r":
+        text = re.sub(r"\\(.)", r"\1", text, flags=re.DOTALL)
+    return text
 
 
 def _unwrap_optional(tp: Any) -> Any:

@@ -3,6 +3,7 @@ and the configs the server is built from. No engine is started here."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import pytest
 
@@ -184,3 +185,23 @@ def test_help_lists_generated_flags(capsys):
     for flag in ("--max-num-queued-requests", "--max-num-queued-reqs", "--no-enable-prefix-caching",
                  "--kv-cache-memory", "--enable-server-load-tracking", "--ssl-certfile", "--config"):
         assert flag in out
+
+
+@dataclasses.dataclass
+class _Documented:
+    plain: int = 1
+    """One line."""
+    spread: list[int] = dataclasses.field(
+        default_factory=list)
+    """Over "two"
+    lines, with a \"quote\"."""
+    undocumented: int = 0
+    after_comment: str = "x"  # a comment between field and doc does not matter
+    """Still read."""
+
+
+def test_field_docs_read_the_docstrings_under_fields():
+    from inferd.cli.args import field_docs
+    assert field_docs(_Documented) == {
+        "plain": "One line.", "spread": 'Over "two" lines, with a "quote".',
+        "after_comment": "Still read."}
