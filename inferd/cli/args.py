@@ -92,9 +92,9 @@ FLAG_OVERRIDES: dict[str, FlagOverride] = {
 def field_docs(cls: type) -> dict[str, str]:
     """The docstrings written under dataclass fields (`x: int = 1` then `\"\"\"doc\"\"\"`).
 
-    Read with `tokenize`, not `ast`/`inspect.getsource`: CPython 3.11 before 3.11.8 keeps the
-    AST converter's recursion count in shared state, and another thread building an AST at the
-    same moment made it raise "SystemError: AST constructor recursion depth mismatch" here."""
+    Read with `tokenize`, not `ast`/`inspect.getsource` (which parses the whole module): in CI,
+    CPython 3.11.7's AST converter once raised "SystemError: AST constructor recursion depth
+    mismatch" here, a bug in its recursion bookkeeping that plain tokenizing cannot hit."""
     try:
         with tokenize.open(inspect.getsourcefile(cls) or "") as f:
             lines = _logical_lines(f.readline)
