@@ -51,6 +51,7 @@ def build_spec(params: StructuredOutputsParams) -> GrammarSpec:
         if not isinstance(schema, (dict, bool)):
             raise ValueError(f"Invalid JSON schema: must be a JSON object or boolean, "
                              f"got {type(schema).__name__}")
+        check_enforceable(schema)
         if params.disable_additional_properties:
             _forbid_additional_properties(schema)
         return GrammarSpec("json_schema", _dump_json(schema, "JSON schema"), "JSON schema", any_ws)
@@ -153,6 +154,74 @@ def _forbid_additional_properties(schema: Any) -> None:
         for key in _SUBSCHEMA_MAP:
             if isinstance(node.get(key), dict):
                 stack.extend(node[key].values())
+
+
+# xgrammar (0.2.x) compiles schemas with these keywords but does not enforce them: the grammar
+# would let the model write JSON the schema forbids, and the client would only find out by
+# validating. A 400 naming the keyword is the honest answer. (Annotations such as `format` on
+# unknown names, `contentEncoding`, `title` or `default` constrain nothing and stay allowed.)
+_UNENFORCED = ("not", "if", "then", "else", "contains", "minContains", "maxContains",
+               "dependentRequired", "dependentSchemas", "dependencies", "$dynamicRef",
+               "$recursiveRef")
+# What an allOf member may hold for us to merge it into its parent (xgrammar enforces a
+# single-member allOf but only part of a longer one).
+_MERGEABLE = {"type", "properties", "required", "title", "description"}
+
+
+def check_enforceable(schema: Any) -> None:
+    """Refuse (ValueError) schema keywords the grammar would silently drop; merge an allOf of
+    plain object schemas into its parent, the form Pydantic-style composition produces."""
+    stack: list[tuple[Any, str]] = [(schema, "#")]
+    while stack:
+        node, path = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        for key in _UNENFORCED:
+            if key in node:
+                raise ValueError(f"Invalid JSON schema: '{key}' at {path} is not supported by "
+                                 "structured outputs (it would not be enforced)")
+        if node.get("uniqueItems") is True:
+            raise ValueError(f"Invalid JSON schema: 'uniqueItems' at {path} is not supported by "
+                             "structured outputs (it would not be enforced)")
+        ref = node.get("$ref")
+        if isinstance(ref, str) and not ref.startswith("#"):
+            raise ValueError(f"Invalid JSON schema: $ref {ref[:200]!r} at {path} is not a local "
+                             "reference; only '#...' references into the schema itself are supported")
+        if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
+            _merge_all_of(node, path)
+        for key in _SUBSCHEMA:
+            if isinstance(node.get(key), dict):
+                stack.append((node[key], f"{path}/{key}"))
+        for key in _SUBSCHEMA_LIST:
+            if isinstance(node.get(key), list):
+                stack.extend((sub, f"{path}/{key}/{i}") for i, sub in enumerate(node[key]))
+        for key in _SUBSCHEMA_MAP:
+            if isinstance(node.get(key), dict):
+                stack.extend((sub, f"{path}/{key}/{name}") for name, sub in node[key].items())
+
+
+def _merge_all_of(node: dict, path: str) -> None:
+    members = node.pop("allOf")
+    props: dict[str, Any] = dict(node.get("properties") or {})
+    required: list[str] = list(node.get("required") or [])
+    for i, sub in enumerate(members):
+        where = f"{path}/allOf/{i}"
+        if not isinstance(sub, dict) or not set(sub) <= _MERGEABLE or sub.get("type", "object") != "object":
+            raise ValueError(f"Invalid JSON schema: allOf at {path} is supported only with one "
+                             f"member or with plain object members (type, properties, required); "
+                             f"{where} is not one")
+        for name, prop in (sub.get("properties") or {}).items():
+            if name in props and props[name] != prop:
+                raise ValueError(f"Invalid JSON schema: allOf members at {path} give property "
+                                 f"{name!r} different schemas")
+            props[name] = prop
+        required += [r for r in sub.get("required") or [] if r not in required]
+    if node.get("type", "object") != "object":
+        raise ValueError(f"Invalid JSON schema: allOf at {path} merges objects into type "
+                         f"{node['type']!r}")
+    node["type"], node["properties"] = "object", props
+    if required:
+        node["required"] = required
 
 
 # --- regex / grammar / choice -------------------------------------------------------------------

@@ -176,6 +176,11 @@ def test_response_format_variants(http):
     assert_400(chat(http, response_format={"type": "bogus"}))
     assert_400(chat(http, structured_outputs={"json": {"type": "nonsense"}}))
     assert_400(chat(http, structured_outputs={"choice": "not-a-list"}))
+    unenforced = {"type": "object", "properties": {"a": {"type": "integer", "not": {"const": 3}}}}
+    err = assert_400(chat(http, response_format={"type": "json_schema",
+                                                 "json_schema": {"name": "x", "schema": unenforced}}),
+                     "'not' at #/properties/a is not supported")
+    assert err["param"] == "structured_outputs"
 
 
 # --- request shapes -----------------------------------------------------------------------------

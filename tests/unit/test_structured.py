@@ -104,6 +104,50 @@ def test_invalid_specs_are_value_errors(tok, params, needle):
     assert type(info.value).__module__.startswith(("builtins", "inferd"))
 
 
+@pytest.mark.parametrize("schema, needle", [
+    ({"type": "object", "properties": {"a": {"not": {"const": 3}}}}, "'not' at #/properties/a"),
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "'uniqueItems' at #"),
+    ({"type": "array", "contains": {"const": 7}}, "'contains' at #"),
+    ({"if": {"properties": {"a": {"const": 1}}}, "then": {"required": ["b"]}}, "'if' at #"),
+    ({"type": "object", "dependentRequired": {"a": ["b"]}}, "'dependentRequired' at #"),
+    ({"$defs": {"x": {"type": "object", "dependencies": {"a": ["b"]}}}, "$ref": "#/$defs/x"},
+     "'dependencies' at #/$defs/x"),
+    ({"anyOf": [{"type": "integer"}, {"$ref": "https://example.com/s.json"}]},
+     "is not a local reference"),
+    ({"allOf": [{"type": "integer"}, {"minimum": 3}]}, "allOf at # is supported only with one member"),
+    ({"allOf": [{"properties": {"a": {"type": "integer"}}}, {"properties": {"a": {"type": "string"}}}]},
+     "give property 'a' different schemas"),
+])
+def test_unenforceable_schema_keywords_are_refused(tok, schema, needle):
+    """xgrammar compiles these but would not enforce them: the client gets a 400, not JSON the
+    schema forbids."""
+    with pytest.raises(ValueError, match="Invalid JSON schema") as info:
+        validate_structured_outputs(P(json=schema), tok)
+    assert needle in str(info.value)
+
+
+def test_keyword_names_used_as_property_names_are_not_refused(tok):
+    schema = {"type": "object", "properties": {"not": {"type": "string"}, "if": {"type": "integer"},
+                                               "contains": {"type": "boolean"}},
+              "required": ["not"], "uniqueItems": False}
+    validate_structured_outputs(P(json=schema), tok)
+
+
+def test_all_of_object_members_merge_into_one_enforced_object(tok):
+    from xgrammar.testing import _is_grammar_accept_string as accepts
+
+    schema = {"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                        {"properties": {"b": {"type": "string"}}, "required": ["b"]}],
+              "description": "both"}
+    spec = build_spec(P(json=schema))
+    merged = json.loads(spec.source)
+    assert "allOf" not in merged and merged["required"] == ["a", "b"]
+    assert list(merged["properties"]) == ["a", "b"] and "allOf" in schema  # caller's copy kept
+    grammar = GrammarCompiler(tok).compile(spec).grammar
+    assert accepts(grammar, '{"a": 1, "b": "x"}')
+    assert not accepts(grammar, '{"a": 1}')  # before the merge xgrammar accepted this
+
+
 def test_deeply_nested_schema_rejected_before_compiling(tok):
     schema: dict = {"type": "integer"}
     for _ in range(150):
