@@ -11,11 +11,13 @@ per-request numbers match what clients were billed in `usage`.
 """
 from __future__ import annotations
 
+import gzip
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
                                generate_latest)
+from prometheus_client.exposition import choose_encoder
 
 from inferd.engine.protocol import SchedulerStats
 from inferd.engine.stats import FinishedRequestStats
@@ -34,6 +36,9 @@ ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                            50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
 PARAMS_N_BUCKETS = [1, 2, 5, 10, 20]
+# prometheus-fastapi-instrumentator's HTTP metrics leave these out, as vLLM's do: probes and
+# scrapes would drown the traffic that matters.
+HTTP_EXCLUDED_HANDLERS = ["/metrics", "/health", "/load", "/ping", "/version", "/server_info"]
 
 
 def build_1_2_5_buckets(max_value: int) -> list[int]:
@@ -89,6 +94,11 @@ class PrometheusStatsSink:
         # Every waiting request here waits for capacity; nothing is deferred (no KV transfer yet).
         self.num_waiting_capacity = by_reason.labels(**L, reason="capacity")
         by_reason.labels(**L, reason="deferred").set(0)
+        sleep = self._gauge("engine_sleep_state", "Engine sleep state; awake = 0 means sleeping.",
+                            ("sleep_state",))
+        # No sleep mode yet: the engine is always awake with its weights in place.
+        for state, value in (("awake", 1), ("weights_offloaded", 0), ("discard_all", 0)):
+            sleep.labels(**L, sleep_state=state).set(value)
         self.kv_cache_usage = self._gauge("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.").labels(**L)
         # Registered by set_cache_config_info once the engine has sized its KV pool.
         self._cache_info: Gauge | None = None
@@ -99,6 +109,13 @@ class PrometheusStatsSink:
         self.prefix_hits = self._counter("prefix_cache_hits", "Prefix-cache hits, in tokens.").labels(**L)
         self.preemptions = self._counter("num_preemptions", "Cumulative number of preemptions.").labels(**L)
         self.prompt_tokens = self._counter("prompt_tokens", "Number of prefill tokens processed.").labels(**L)
+        self.prompt_tokens_cached = self._counter("prompt_tokens_cached",
+                                                  "Prompt tokens served from the prefix cache.").labels(**L)
+        by_source = self._counter("prompt_tokens_by_source", "Prompt tokens by where their KV came from.",
+                                  ("source",))
+        self.prompt_tokens_computed = by_source.labels(**L, source="local_compute")
+        self.prompt_tokens_hit = by_source.labels(**L, source="local_cache_hit")
+        by_source.labels(**L, source="external_kv_transfer")  # no KV connector: always 0
         self.generation_tokens = self._counter("generation_tokens", "Number of generation tokens processed.").labels(**L)
         self._success = self._counter("request_success", "Count of successfully processed requests.",
                                       ("finished_reason",))
@@ -117,6 +134,12 @@ class PrometheusStatsSink:
                                   iteration_token_buckets(max_num_batched_tokens)).labels(**L)
         self.req_prompt_tokens = h("request_prompt_tokens", "Number of prefill tokens processed.", token_buckets).labels(**L)
         self.req_gen_tokens = h("request_generation_tokens", "Number of generation tokens processed.", token_buckets).labels(**L)
+        self.req_max_gen_tokens = h("request_max_num_generation_tokens",
+                                    "Histogram of maximum number of generated tokens per request (over its n choices).",
+                                    token_buckets).labels(**L)
+        self.req_prefill_computed = h("request_prefill_kv_computed_tokens",
+                                      "Histogram of prompt tokens computed (not read from the prefix cache) per request.",
+                                      token_buckets).labels(**L)
         self.req_params_n = h("request_params_n", "Histogram of the n request parameter.", PARAMS_N_BUCKETS).labels(**L)
         self.req_params_max_tokens = h("request_params_max_tokens", "Histogram of the max_tokens request parameter.",
                                        token_buckets).labels(**L)
@@ -163,6 +186,13 @@ class PrometheusStatsSink:
     def on_request_finished(self, stats: FinishedRequestStats) -> None:
         self._success.labels(**self._labels, finished_reason=stats.finish_reason).inc()
         self.prompt_tokens.inc(stats.num_prompt_tokens)
+        cached = min(stats.num_cached_tokens, stats.num_prompt_tokens)
+        self.prompt_tokens_cached.inc(cached)
+        self.prompt_tokens_hit.inc(cached)
+        self.prompt_tokens_computed.inc(stats.num_prompt_tokens - cached)
+        self.req_prefill_computed.observe(stats.num_prompt_tokens - cached)
+        if stats.max_num_generation_tokens is not None:
+            self.req_max_gen_tokens.observe(stats.max_num_generation_tokens)
         self.generation_tokens.inc(stats.num_generation_tokens)
         self.req_prompt_tokens.observe(stats.num_prompt_tokens)
         self.req_gen_tokens.observe(stats.num_generation_tokens)
@@ -188,3 +218,20 @@ class PrometheusStatsSink:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def exposition(self, accept: str = "", accept_encoding: str = "") -> tuple[bytes, dict[str, str]]:
+        """The /metrics body and headers as prometheus_client's own ASGI app (which vLLM mounts)
+        negotiates them: OpenMetrics when asked for, gzip when accepted."""
+        encoder, content_type = choose_encoder(accept)
+        body = encoder(self.registry)
+        headers = {"Content-Type": content_type}
+        if "gzip" in accept_encoding:
+            body, headers["Content-Encoding"] = gzip.compress(body), "gzip"
+        return body, headers
+
+    def instrument_http(self, app: Any) -> None:
+        """vLLM's HTTP metrics (`http_requests_total`, request/response sizes, durations) by
+        prometheus-fastapi-instrumentator, in this sink's registry."""
+        from prometheus_fastapi_instrumentator import Instrumentator
+
+        Instrumentator(excluded_handlers=HTTP_EXCLUDED_HANDLERS, registry=self.registry).instrument(app)

@@ -35,6 +35,7 @@ class ChildState:
     last_token_time: float | None = None
     first_scheduled_time: float | None = None
     itl: list[float] = field(default_factory=list)
+    num_cached_tokens: int = 0
     # Text released by the detokenizer's flush at finish, not yet handed out as a delta.
     flushed: str = ""
 
@@ -160,6 +161,7 @@ class OutputProcessor:
         if o.first_scheduled_time is not None and child.first_scheduled_time is None:
             child.first_scheduled_time = o.first_scheduled_time
         parent.num_cached_tokens = max(parent.num_cached_tokens, o.num_cached_tokens)
+        child.num_cached_tokens = max(child.num_cached_tokens, o.num_cached_tokens)
         if o.prompt_logprobs is not None and parent.prompt_logprobs is None:
             parent.prompt_logprobs = [None if row is None else self._position(row)
                                       for row in o.prompt_logprobs]
@@ -264,6 +266,9 @@ class OutputProcessor:
             prefill_time=max(0.0, (first or now) - sched), decode_time=max(0.0, last - (first or last)),
             inference_time=max(0.0, last - sched),
             ttft=(first - parent.arrival_time) if first is not None else None,
-            inter_token_latencies=c.itl, is_pooling=isinstance(parent.params, PoolingParams))
+            inter_token_latencies=c.itl, is_pooling=isinstance(parent.params, PoolingParams),
+            num_cached_tokens=c.num_cached_tokens,
+            max_num_generation_tokens=(max(len(x.token_ids) for x in parent.children)
+                                       if parent.finished else None))
         for s in self.stats_sinks:
             s.on_request_finished(st)

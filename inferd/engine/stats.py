@@ -22,6 +22,9 @@ class FinishedRequestStats:
     ttft: float | None  # arrival -> first token
     inter_token_latencies: list[float] = field(default_factory=list)
     is_pooling: bool = False
+    num_cached_tokens: int = 0  # prompt tokens read from the prefix cache
+    # The most tokens any of the parent request's n choices generated; set on its last child.
+    max_num_generation_tokens: int | None = None
 
 
 class StatsSink(Protocol):

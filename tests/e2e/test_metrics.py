@@ -14,15 +14,16 @@ MODEL_NAME = "tiny-llama"
 LABELS = f'engine="0",model_name="{MODEL_NAME}"'
 
 GAUGES = ["num_requests_running", "num_requests_waiting", "num_requests_waiting_by_reason",
-          "kv_cache_usage_perc", "cache_config_info"]
+          "kv_cache_usage_perc", "cache_config_info", "engine_sleep_state"]
 COUNTERS = ["prefix_cache_queries_total", "prefix_cache_hits_total", "num_preemptions_total",
             "prompt_tokens_total", "generation_tokens_total", "request_success_total",
-            "request_rejected_total"]
+            "request_rejected_total", "prompt_tokens_cached_total", "prompt_tokens_by_source_total"]
 HISTOGRAMS = ["iteration_tokens_total", "request_prompt_tokens", "request_generation_tokens",
               "request_params_n", "request_params_max_tokens", "time_to_first_token_seconds",
               "inter_token_latency_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
               "request_inference_time_seconds", "request_prefill_time_seconds",
-              "request_decode_time_seconds"]
+              "request_decode_time_seconds", "request_max_num_generation_tokens",
+              "request_prefill_kv_computed_tokens"]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def value(samples: dict[str, float], name: str, **extra: str) -> float:
     total = 0.0
     for key, v in samples.items():
         m = re.fullmatch(r"([^{]+)\{(.*)\}", key)
-        if not m or m.group(1) != f"inferd:{name}":
+        if not m or m.group(1) not in (f"inferd:{name}", name):  # http_* carry no prefix
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
         if labels.get("model_name", MODEL_NAME) == MODEL_NAME and all(labels.get(k) == w for k, w in extra.items()):
@@ -74,6 +75,14 @@ def test_exposition_format_and_names(http):
     assert f"inferd:num_requests_running{{{LABELS}}}" in text
     assert re.search(r'^inferd:cache_config_info\{.*block_size="16".*enable_prefix_caching="True"', text, re.M)
     assert "_created" not in text
+
+
+def test_metrics_answers_head_trailing_slash_and_gzip(http):
+    assert http.head("/metrics").status_code == 200
+    slash = http.get("/metrics/")
+    assert slash.status_code == 200 and "inferd:num_requests_running" in slash.text  # no redirect
+    zipped = http.get("/metrics", headers={"Accept-Encoding": "gzip"})
+    assert zipped.headers["content-encoding"] == "gzip" and "inferd:kv_cache_usage_perc" in zipped.text
 
 
 def test_counts_are_exact_after_known_requests(http):
@@ -111,6 +120,34 @@ def test_counts_are_exact_after_known_requests(http):
     # Every computed token went through some step.
     assert delta("iteration_tokens_total_sum") >= prompt_tokens + n * (max_tokens - 1)
     assert value(after, "num_requests_running") == 0
+    # HTTP metrics (prometheus-fastapi-instrumentator's, as vLLM's): one per request, scrapes left out.
+    assert delta("http_requests_total", handler="/v1/completions", method="POST", status="2xx") == n
+    assert value(after, "http_requests_total", handler="/metrics") == 0
+    assert delta("request_max_num_generation_tokens_sum") == n * max_tokens
+
+
+def test_prompt_tokens_by_source_match_cached_tokens(http):
+    """The same 40-token prompt twice: the second reads its full blocks from the prefix cache,
+    and the counters split its prompt exactly as `usage.prompt_tokens_details` reports."""
+    prompt = [7 + i % 50 for i in range(40)]
+    before = scrape(http)
+    usages = []
+    for _ in range(2):
+        resp = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": prompt, "max_tokens": 2})
+        assert resp.status_code == 200, resp.text
+        usages.append(resp.json()["usage"])
+    after = scrape(http)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    cached = sum((u.get("prompt_tokens_details") or {}).get("cached_tokens", 0) for u in usages)
+    assert cached >= 32  # two full 16-token blocks of the second request
+    assert delta("prompt_tokens_cached_total") == cached
+    assert delta("prompt_tokens_by_source_total", source="local_cache_hit") == cached
+    assert delta("prompt_tokens_by_source_total", source="local_compute") == 80 - cached
+    assert delta("prompt_tokens_by_source_total", source="external_kv_transfer") == 0
+    assert delta("request_prefill_kv_computed_tokens_sum") == 80 - cached
 
 
 def test_full_waiting_queue_is_429_with_retry_after(http, server):

@@ -184,4 +184,6 @@ def build_app(state: ServerState) -> FastAPI:
         lifespan=lifespan, middleware=_middleware(state), exception_handlers=_exception_handlers())
     app.state.inferd = state
     register_routers(app, state.supported_tasks)
+    if state.metrics is not None:
+        state.metrics.instrument_http(app)
     return app

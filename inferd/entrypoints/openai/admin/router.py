@@ -48,10 +48,16 @@ async def health(raw_request: Request) -> Response:
     return await _health(raw_request)
 
 
-@router.get("/metrics", response_class=Response)
+@router.api_route("/metrics", methods=["GET", "HEAD"], response_class=Response)
+@router.api_route("/metrics/", methods=["GET", "HEAD"], response_class=Response, include_in_schema=False)
 async def metrics(raw_request: Request) -> Response:
+    """Prometheus text (vLLM serves `/metrics/` too, without a redirect a scraper may not follow)."""
     sink = get_state(raw_request).metrics
-    return Response(content=sink.render() if sink is not None else b"", media_type=CONTENT_TYPE)
+    if sink is None:
+        return Response(content=b"", media_type=CONTENT_TYPE)
+    body, headers = sink.exposition(raw_request.headers.get("accept", ""),
+                                    raw_request.headers.get("accept-encoding", ""))
+    return Response(content=body, headers=headers)
 
 
 @router.get("/v1/models", response_model=ModelList)
