@@ -275,8 +275,21 @@ def test_structured_output_starts_after_reasoning(launch_server, tiny_llama_dir,
             "logit_bias": {str(token): 100}, "structured_outputs": {"choice": ["yes", "no"]}}
     inside = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
     assert inside["reasoning"] in ("yes", "no")  # enable_in_reasoning: the grammar from token 1
-    with launch_server(["--reasoning-parser", "deepseek_r1", "--tool-call-parser", "hermes"]) as server:
+    def prompt_tokens(client: httpx.Client, **extra) -> int:
+        resp = client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 1, **extra})
+        assert resp.status_code == 200, resp.text
+        return resp.json()["usage"]["prompt_tokens"]
+
+    # SmolLM2's template ignores tools; this one lists them, so hiding them shows in the count.
+    template = ("{% if tools %}Tools:{% for t in tools %} {{ t.function.name }}{% endfor %}\n{% endif %}"
+                "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}")
+    with launch_server(["--reasoning-parser", "deepseek_r1", "--tool-call-parser", "hermes",
+                        "--exclude-tools-when-tool-choice-none", "--chat-template", template]) as server:
         with httpx.Client(base_url=server.base_url, timeout=120) as c:
+            bare = prompt_tokens(c)
+            assert prompt_tokens(c, tools=TOOLS, tool_choice="none") == bare
+            assert prompt_tokens(c, tools=TOOLS, tool_choice="required") > bare
             resp = c.post("/v1/chat/completions", json=body)
             assert resp.status_code == 200, resp.text
             message = resp.json()["choices"][0]["message"]

@@ -44,6 +44,8 @@ class ServerConfig:
     """Let the model decide to call tools (tool_choice=auto); needs --tool-call-parser."""
     tool_call_parser: str | None = None
     """How tool calls are read from the output (e.g. hermes, llama3_json, mistral)."""
+    exclude_tools_when_tool_choice_none: bool = False
+    """Leave `tools` out of the chat template when a request says tool_choice=none (by default the model still sees them)."""
     structured_outputs_config: dict[str, Any] = field(default_factory=dict)
     """vLLM's structured-output settings, as JSON or dotted (--structured-outputs-config.enable_in_reasoning true): backend (auto or xgrammar); enable_in_reasoning (grammars also constrain the reasoning; default false: they start after it)."""
     max_logprobs: int = 20

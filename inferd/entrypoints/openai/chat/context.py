@@ -114,9 +114,10 @@ async def prepare(req: ChatCompletionRequest, state: ServerState, request_id: st
     template = select_template(config.chat_template, req.chat_template,
                                config.trust_request_chat_template, engine.tokenizer)
     kwargs = req.template_kwargs(config.default_chat_template_kwargs)
+    hide_tools = config.exclude_tools_when_tool_choice_none and req.tool_choice == "none"
     prompt_text = render_chat(
         req.messages, template=template, special_tokens=special_tokens_of(engine.tokenizer),
-        tools=tools_for_template(req.tools), documents=req.documents,
+        tools=None if hide_tools else tools_for_template(req.tools), documents=req.documents,
         add_generation_prompt=req.add_generation_prompt,
         continue_final_message=req.continue_final_message,
         content_format=config.chat_template_content_format,  # type: ignore[arg-type]
