@@ -208,6 +208,29 @@ def test_request_id_headers(http):
     assert resp.headers["x-request-id"] == "abc" and resp.json()["id"] == "cmpl-abc"
 
 
+def test_requests_sharing_an_id_all_run(server):
+    """A retried or proxied request may reuse an X-Request-Id (or body request_id) while the
+    first is still running: each runs, and each answers with the id the client gave."""
+    import concurrent.futures
+
+    def send(i: int) -> httpx.Response:
+        path, body = [("v1/completions", {"prompt": "Hi", "max_tokens": 8, "ignore_eos": True}),
+                      ("v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                               "max_tokens": 8, "stream": True}),
+                      ("v1/completions", {"prompt": "Hi", "max_tokens": 8, "request_id": "same"})][i % 3]
+        headers = {} if "request_id" in body else {"X-Request-Id": "same"}
+        return httpx.post(server.url_for(path), json=body, headers=headers, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(send, range(6)))
+    for i, resp in enumerate(responses):
+        assert resp.status_code == 200, resp.text
+        if i % 3 == 1:
+            assert '"id":"chatcmpl-same"' in resp.text.replace(" ", "") and "[DONE]" in resp.text
+        else:
+            assert resp.json()["id"] == "cmpl-same"
+
+
 # -- load and disconnects ---------------------------------------------------------------------------
 
 def _metric(http: httpx.Client, name: str, labels: str = "") -> float:

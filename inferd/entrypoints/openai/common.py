@@ -398,6 +398,13 @@ def make_request_id(prefix: str, header_id: str | None, body_id: str | None) -> 
     return f"{prefix}-{base}"
 
 
+def engine_request_id(request_id: str) -> str:
+    """The id the engine tracks: the client's id plus a random suffix, so two requests sent
+    with the same X-Request-Id or request_id (retries, proxies that pin one) both run, as in
+    vLLM. Responses keep the client's id."""
+    return f"{request_id}-{secrets.token_hex(4)}"
+
+
 def now() -> int:
     return int(time.time())
 

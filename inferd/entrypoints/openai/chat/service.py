@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from inferd.entrypoints.openai.chat.context import ChatContext, prepare
 from inferd.entrypoints.openai.chat.schemas import ChatCompletionRequest
 from inferd.entrypoints.openai.chat.stream import stream_chunks
-from inferd.entrypoints.openai.common import chat_logprobs, prompt_logprobs_json
+from inferd.entrypoints.openai.common import chat_logprobs, engine_request_id, prompt_logprobs_json
 from inferd.entrypoints.openai.state import ServerState
 from inferd.entrypoints.openai.streaming import prime
 from inferd.entrypoints.parsers import ToolCall
@@ -23,7 +23,7 @@ async def create_chat_completion(req: ChatCompletionRequest, state: ServerState,
     """The JSON response, or (stream=True) the chunk payloads to send as SSE. A stream is primed:
     an engine refusal surfaces here, before any byte is sent."""
     ctx = await prepare(req, state, request_id)
-    outputs = state.engine.generate(ctx.prompt_ids, ctx.params, request_id,
+    outputs = state.engine.generate(ctx.prompt_ids, ctx.params, engine_request_id(request_id),
                                     prompt=ctx.prompt_text, cache_salt=req.cache_salt)
     if req.stream:
         return stream_chunks(ctx, await prime(outputs))

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inferd.entrypoints.openai.common import ModelLimits, TokenText, check_prompt_ids, \
-    check_structured, check_text_length, completion_logprobs, encode, now, prompt_logprobs_json, \
-    truncate_prompt, usage_json
+    check_structured, check_text_length, completion_logprobs, encode, engine_request_id, now, \
+    prompt_logprobs_json, truncate_prompt, usage_json
 from inferd.entrypoints.openai.completions.schemas import CompletionRequest
 from inferd.entrypoints.openai.state import ServerState
 from inferd.entrypoints.openai.streaming import merge_async_iterators, prime
@@ -81,8 +81,8 @@ async def prepare(req: CompletionRequest, state: ServerState, request_id: str) -
 
 def _generators(ctx: CompletionContext, state: ServerState) -> list[AsyncIterator[RequestOutput]]:
     one = len(ctx.prompts) == 1
-    return [state.engine.generate(p.token_ids, p.params,
-                                  ctx.request_id if one else f"{ctx.request_id}-{i}",
+    base = engine_request_id(ctx.request_id)
+    return [state.engine.generate(p.token_ids, p.params, base if one else f"{base}-{i}",
                                   prompt=p.text, cache_salt=ctx.request.cache_salt)
             for i, p in enumerate(ctx.prompts)]
 

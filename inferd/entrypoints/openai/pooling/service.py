@@ -21,7 +21,7 @@ from typing import Any, Awaitable, Sequence, TypeVar
 import torch
 
 from inferd.entrypoints.openai.chat_template import render_chat, select_template, special_tokens_of
-from inferd.entrypoints.openai.common import now
+from inferd.entrypoints.openai.common import engine_request_id, now
 from inferd.entrypoints.openai.errors import BadRequest, NotImplementedAPI
 from inferd.entrypoints.openai.pooling import schemas as S
 from inferd.entrypoints.openai.state import ServerState
@@ -202,8 +202,8 @@ async def gather_all(aws: Sequence[Awaitable[T]]) -> list[T]:
 async def encode_all(state: ServerState, prompts: list[Prompt], params: list[PoolingParams],
                      request_id: str) -> list[list[float]]:
     state.check_capacity(len(prompts))
-    engine = state.engine
-    outs = await gather_all([engine.encode(p.token_ids, pp, f"{request_id}-{i}")
+    engine, base = state.engine, engine_request_id(request_id)
+    outs = await gather_all([engine.encode(p.token_ids, pp, f"{base}-{i}")
                              for i, (p, pp) in enumerate(zip(prompts, params))])
     return [o.outputs.data for o in outs]
 
