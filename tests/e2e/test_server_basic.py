@@ -65,7 +65,8 @@ def test_startup_log_lines(server):
         "Route: /tokenize, Methods: POST",
         "Route: /health, Methods: GET",
         "Route: /v1/models, Methods: GET",
-        "Route: /ping, Methods: GET, POST",
+        "Route: /ping, Methods: GET",
+        "Route: /ping, Methods: POST",
         "Route: /v1/completions, Methods: POST",
         "Application startup complete.",
     ]
@@ -101,7 +102,11 @@ def test_models_card(http, server, tiny_llama_dir):
 
 
 def test_docs_are_served(http):
-    assert http.get("/openapi.json").json()["info"]["title"] == "inferd"
+    spec = http.get("/openapi.json").json()
+    assert spec["info"]["title"] == "inferd"
+    ids = [op["operationId"] for item in spec["paths"].values() for op in item.values()]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)  # OpenAPI: unique
+    assert {"get", "post"} <= set(spec["paths"]["/ping"])
     assert http.get("/docs").status_code == 200 and http.get("/redoc").status_code == 200
 
 

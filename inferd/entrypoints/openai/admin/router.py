@@ -48,8 +48,10 @@ async def health(raw_request: Request) -> Response:
     return await _health(raw_request)
 
 
-@router.api_route("/metrics", methods=["GET", "HEAD"], response_class=Response)
+# One route per method: a route with several methods gives them one OpenAPI operationId.
 @router.api_route("/metrics/", methods=["GET", "HEAD"], response_class=Response, include_in_schema=False)
+@router.api_route("/metrics", methods=["HEAD"], response_class=Response, include_in_schema=False)
+@router.get("/metrics", response_class=Response)
 async def metrics(raw_request: Request) -> Response:
     """Prometheus text (vLLM serves `/metrics/` too, without a redirect a scraper may not follow)."""
     sink = get_state(raw_request).metrics
@@ -69,7 +71,8 @@ async def show_available_models(raw_request: Request) -> ModelList:
     return ModelList(data=cards)
 
 
-@router.api_route("/ping", methods=["GET", "POST"], response_class=Response)
+@router.post("/ping", response_class=Response)
+@router.get("/ping", response_class=Response)  # innermost: registered (and logged) first
 async def ping(raw_request: Request) -> Response:
     """SageMaker's health check: the same answer as /health."""
     return await _health(raw_request)
