@@ -361,3 +361,27 @@ def test_stream_disconnect_aborts(http, server):
         assert time.monotonic() < deadline, "the stream's request was not aborted"
         time.sleep(0.2)
     assert http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
+def test_forced_usage_and_prompt_tokens_details_flags(launch_server, http):
+    """--enable-force-include-usage: a stream without stream_options still reports usage on every
+    chunk and in a final usage chunk. --enable-prompt-tokens-details reports cached tokens with
+    prefix caching off; without either flag a stream sends no usage."""
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 3, "ignore_eos": True, "stream": True}
+
+    def chunks(client: httpx.Client) -> list[dict]:
+        with client.stream("POST", "/v1/completions", json=body) as resp:
+            assert resp.status_code == 200
+            return [json.loads(line[6:]) for line in resp.iter_lines()
+                    if line.startswith("data: ") and line != "data: [DONE]"]
+
+    assert all(c.get("usage") is None for c in chunks(http))  # the default server
+    with launch_server(["--enable-force-include-usage", "--no-enable-prefix-caching",
+                        "--enable-prompt-tokens-details"]) as server:
+        with httpx.Client(base_url=server.base_url, timeout=120) as c:
+            streamed = chunks(c)
+            assert streamed[-1]["choices"] == [] and streamed[-1]["usage"]["completion_tokens"] == 3
+            assert all(ch["usage"] is not None for ch in streamed)  # continuous usage too
+            usage = c.post("/v1/completions", json={**body, "stream": False}).json()["usage"]
+            assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
+            assert streamed[-1]["usage"]["prompt_tokens"] == usage["prompt_tokens"]

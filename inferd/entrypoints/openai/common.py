@@ -186,6 +186,12 @@ class SamplingFields(BaseModel):
             return self.response_format.to_params()
         return None
 
+    def force_usage(self) -> None:
+        """--enable-force-include-usage: a stream reports usage (running and final) whatever
+        its stream_options say."""
+        if self.stream:
+            self.stream_options = StreamOptions(include_usage=True, continuous_usage_stats=True)
+
     def usage_options(self) -> tuple[bool, bool]:
         """(include_usage, continuous_usage_stats) for a stream."""
         opts = self.stream_options
@@ -204,7 +210,8 @@ class ModelLimits:
     prefix_caching: bool
 
     @classmethod
-    def of(cls, engine: Any, max_logprobs: int) -> ModelLimits:
+    def of(cls, engine: Any, server: Any) -> ModelLimits:
+        """`server`: the ServerConfig (max_logprobs, enable_prompt_tokens_details)."""
         # `info` and `config` are AsyncLLM details beyond its documented interface: read them
         # defensively, falling back to the tokenizer's size and "no prefix caching".
         vocab = getattr(getattr(engine, "info", None), "vocab_size", None)
@@ -213,9 +220,11 @@ class ModelLimits:
         vocab = min(vocab, tok_len) if vocab else tok_len
         config = getattr(engine, "config", None)
         caching = bool(getattr(getattr(config, "cache", None), "enable_prefix_caching", False))
-        return cls(max_model_len=engine.max_model_len, vocab_size=vocab, max_logprobs=max_logprobs,
-                   defaults=dict(engine.generation_defaults or {}),
-                   prefix_caching=caching)
+        # Cached-token counts are reported whenever prefix caching is on (vLLM: only with
+        # --enable-prompt-tokens-details, which here also reports them with caching off).
+        return cls(max_model_len=engine.max_model_len, vocab_size=vocab,
+                   max_logprobs=server.max_logprobs, defaults=dict(engine.generation_defaults or {}),
+                   prefix_caching=caching or bool(server.enable_prompt_tokens_details))
 
 
 def context_error(limits: ModelLimits, prompt_len: int, max_tokens: int) -> BadRequest:

@@ -48,6 +48,10 @@ class ServerConfig:
     """Leave `tools` out of the chat template when a request says tool_choice=none (by default the model still sees them)."""
     structured_outputs_config: dict[str, Any] = field(default_factory=dict)
     """vLLM's structured-output settings, as JSON or dotted (--structured-outputs-config.enable_in_reasoning true): backend (auto or xgrammar); enable_in_reasoning (grammars also constrain the reasoning; default false: they start after it)."""
+    enable_prompt_tokens_details: bool = False
+    """Report usage.prompt_tokens_details.cached_tokens also with prefix caching off (with it on they are always reported)."""
+    enable_force_include_usage: bool = False
+    """Every stream reports usage, running and final, as if stream_options asked for both."""
     max_logprobs: int = 20
     """Most logprobs / top_logprobs a request may ask for; -1: no limit."""
     max_num_queued_requests: int | None = None

@@ -107,9 +107,11 @@ def _grammar_start_ids(parser_name: str, template_kwargs: dict[str, Any], prompt
 
 async def prepare(req: ChatCompletionRequest, state: ServerState, request_id: str) -> ChatContext:
     engine, config = state.engine, state.config
-    limits = ModelLimits.of(engine, config.max_logprobs)
+    limits = ModelLimits.of(engine, config)
     model = state.check_model(req.model)
     req.check(limits)
+    if state.config.enable_force_include_usage:
+        req.force_usage()
     mode = tool_mode(req, config)
     template = select_template(config.chat_template, req.chat_template,
                                config.trust_request_chat_template, engine.tokenizer)

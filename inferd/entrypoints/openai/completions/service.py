@@ -57,9 +57,11 @@ class CompletionContext:
 
 async def prepare(req: CompletionRequest, state: ServerState, request_id: str) -> CompletionContext:
     engine = state.engine
-    limits = ModelLimits.of(engine, state.config.max_logprobs)
+    limits = ModelLimits.of(engine, state.config)
     model = state.check_model(req.model)
     req.check(limits)
+    if state.config.enable_force_include_usage:
+        req.force_usage()
     structured = req.structured_params()
     await check_structured(structured, engine.tokenizer)
     prompts = []
