@@ -257,6 +257,11 @@ def test_reasoning_split_and_include_reasoning(http):
     assert collect(stream(http, include_reasoning=False, **body))["reasoning"] == ""
 
 
+def test_reasoning_parser_without_marker_token_warns(server):
+    # SmolLM2's tokenizer spells `</think>` with several tokens: said once, at start-up.
+    assert server.log_text().count("the tokenizer has no single token for '</think>'") == 1
+
+
 def test_unfinished_reasoning_is_all_reasoning(http):
     # deepseek_r1: no </think> (here: cut by max_tokens) means the whole output is reasoning.
     message = post(http, max_tokens=5)["choices"][0]["message"]

@@ -92,6 +92,22 @@ class LateSink:
             self.target.on_request_rejected(reason)
 
 
+def warn_unmarked_reasoning(parser_name: str | None, tokenizer: Any) -> None:
+    """A reasoning parser on a tokenizer without a single token for its end marker (a model not
+    trained to reason, as a rule): grammars wait for the marker's token sequence, and a model
+    that never writes it that way leaves structured outputs and forced tool calls unconstrained.
+    vLLM refuses such a pairing; the text-level split still works, so this is a warning."""
+    if parser_name is None:
+        return
+    from inferd.entrypoints.parsers import get_reasoning_parser
+    marker = get_reasoning_parser(parser_name)().grammar_start_marker()
+    if marker and len(tokenizer.encode(marker, add_special_tokens=False)) != 1:
+        logger.warning("--reasoning-parser %s: the tokenizer has no single token for %r; "
+                       "structured outputs and forced tool calls start only after the model "
+                       "writes it (enable_in_reasoning in --structured-outputs-config applies "
+                       "them from the first token)", parser_name, marker)
+
+
 def start_engine(engine_config: EngineConfig, server_config: ServerConfig) -> ServerState:
     from inferd.engine.async_llm import AsyncLLM
     from inferd.entrypoints.openai.admin.health import EngineHealthMonitor
@@ -107,6 +123,7 @@ def start_engine(engine_config: EngineConfig, server_config: ServerConfig) -> Se
     late.target = metrics
     if server_config.chat_template is None:
         server_config.chat_template = getattr(getattr(engine, "info", None), "chat_template", None)
+    warn_unmarked_reasoning(server_config.reasoning_parser, engine.tokenizer)
     if engine.generation_defaults:
         logger.info("Default sampling parameters have been overridden by the model's generation "
                     "config: %s. If this is not intended, relaunch with --generation-config vllm.",
