@@ -139,6 +139,16 @@ def test_bad_input_is_a_4xx_envelope(http, path, body):
     assert_4xx_envelope(post_raw(http, path, body))
 
 
+@pytest.mark.parametrize("body, param", [
+    ({"messages": M, "tool_choice": "sometimes"}, "tool_choice"),  # not "tool_choice.literal[...]"
+    ({"messages": M, "max_tokens": "many"}, "max_tokens"),  # not "max_tokens.int"
+    ({"messages": M, "n": [2]}, "n"),
+])
+def test_schema_errors_name_the_field_sent(http, body, param):
+    resp = post_raw(http, CHAT, body)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
+
+
 @pytest.mark.parametrize("path,body", [
     # Nested past json.loads' recursion limit in a tool call's arguments: was a 500; kept as a string.
     (CHAT, {"messages": [M[0], {"role": "assistant", "content": "", "tool_calls": [

@@ -326,3 +326,19 @@ def test_prime_raises_before_the_stream_and_keeps_the_first_item():
         return [x async for x in await prime(fine())]
 
     assert asyncio.run(run()) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("make, fields, param, message", [
+    (chat_params, {"max_tokens": 0}, "max_tokens", "max_tokens must be at least 1, got 0."),
+    (chat_params, {"max_tokens": -1}, "max_tokens", "max_tokens must be at least 1, got -1."),
+    (chat_params, {"max_completion_tokens": 0, "max_tokens": 5}, "max_completion_tokens",
+     "max_completion_tokens must be at least 1, got 0."),
+    (completion_params, {"max_tokens": 0}, "max_tokens", "max_tokens must be at least 1, got 0."),
+    (completion_params, {"max_tokens": -1}, "max_tokens", "max_tokens must be at least 1, got -1."),
+    (completion_params, {"max_tokens": -1, "echo": True}, "max_tokens",
+     "max_tokens must be at least 0, got -1."),
+])
+def test_output_budget_bounds_name_the_field_sent(make, fields, param, message):
+    with pytest.raises(BadRequest) as info:
+        make(**fields)
+    assert info.value.param == param and str(info.value) == message

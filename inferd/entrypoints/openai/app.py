@@ -95,6 +95,17 @@ def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers or None)
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
+
+
+def _union_tag(part: Any) -> bool:
+    """Pydantic names the union member it tried in `loc` ("literal['none','auto']", "int",
+    "NamedToolChoice", "function-after[...]"): not a field a client sent."""
+    if not isinstance(part, str):
+        return False
+    return "[" in part or part in _TYPE_TAGS or part[:1].isupper()
+
+
 def describe_errors(errors: Any) -> tuple[str, str | None]:
     """A pydantic error list as (message, param); `param` is the first field's dotted path."""
     parts: list[str] = []
@@ -104,7 +115,7 @@ def describe_errors(errors: Any) -> tuple[str, str | None]:
             detail = (error.get("ctx") or {}).get("error", "")
             parts.append(f"JSON decode error: {detail}" if detail else "JSON decode error")
             continue
-        loc = [p for p in error.get("loc", ()) if p != "body"]
+        loc = [p for p in error.get("loc", ()) if p != "body" and not _union_tag(p)]
         field = ".".join(str(p) for p in loc)
         param = param or field or None
         parts.append(f"{field}: {error.get('msg')}" if field else str(error.get("msg")))

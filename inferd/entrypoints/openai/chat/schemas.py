@@ -68,8 +68,10 @@ class ChatCompletionRequest(SamplingFields):
         if self.reasoning_effort is not None and self.reasoning_effort not in REASONING_EFFORTS:
             raise BadRequest(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}",
                              param="reasoning_effort")
-        if self.requested_max_tokens == 0:
-            raise BadRequest("max_tokens must be at least 1, got 0.", param="max_tokens")
+        budget = self.requested_max_tokens
+        if budget is not None and budget < 1:
+            field = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+            raise BadRequest(f"{field} must be at least 1, got {budget}.", param=field)
 
     @property
     def requested_max_tokens(self) -> int | None:

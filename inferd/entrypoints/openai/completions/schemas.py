@@ -50,8 +50,10 @@ class CompletionRequest(SamplingFields):
                              f"{len(prompts)} x {self.n}", param="prompt")
         check_logprobs_count(self.logprobs, limits, "logprobs")
         check_logprobs_count(self.prompt_logprobs, limits, "prompt_logprobs")
-        if self.max_tokens == 0 and not self.echo:
-            raise BadRequest("max_tokens must be at least 1, got 0.", param="max_tokens")
+        least = 0 if self.echo else 1  # echo with max_tokens=0 returns just the prompt
+        if self.max_tokens is not None and self.max_tokens < least:
+            raise BadRequest(f"max_tokens must be at least {least}, got {self.max_tokens}.",
+                             param="max_tokens")
 
     def prompt_list(self) -> list[Prompt]:
         """One entry per prompt: text, or token ids."""
