@@ -22,7 +22,7 @@ from inferd.outputs import Logprob
 from inferd.sampling_params import OutputKind
 
 LIMITS = ModelLimits(max_model_len=100, vocab_size=1000, max_logprobs=20,
-                     defaults={"temperature": 0.7, "top_k": 20}, prefix_caching=True)
+                     defaults={"temperature": 0.7, "top_k": 20}, report_cached_tokens=True)
 
 
 class _Tok:

@@ -207,7 +207,7 @@ class ModelLimits:
     vocab_size: int
     max_logprobs: int
     defaults: dict[str, Any]
-    prefix_caching: bool
+    report_cached_tokens: bool  # usage.prompt_tokens_details
 
     @classmethod
     def of(cls, engine: Any, server: Any) -> ModelLimits:
@@ -224,7 +224,7 @@ class ModelLimits:
         # --enable-prompt-tokens-details, which here also reports them with caching off).
         return cls(max_model_len=engine.max_model_len, vocab_size=vocab,
                    max_logprobs=server.max_logprobs, defaults=dict(engine.generation_defaults or {}),
-                   prefix_caching=caching or bool(server.enable_prompt_tokens_details))
+                   report_cached_tokens=caching or bool(server.enable_prompt_tokens_details))
 
 
 def context_error(limits: ModelLimits, prompt_len: int, max_tokens: int) -> BadRequest:

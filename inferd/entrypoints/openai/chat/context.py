@@ -39,7 +39,7 @@ class ChatContext:
     tool_parser: str | None
     echo_text: str | None  # the last message's content, when echo applies
     token_text: TokenText
-    prefix_caching: bool
+    report_cached_tokens: bool  # usage.prompt_tokens_details
 
     def output_parser(self) -> ChatOutputParser | None:
         """A fresh parser for one choice; None when the text passes through unchanged."""
@@ -78,7 +78,7 @@ class ChatContext:
 
     def usage(self, completion_tokens: int, cached: int) -> dict:
         return usage_json(len(self.prompt_ids), completion_tokens,
-                          cached if self.prefix_caching else None)
+                          cached if self.report_cached_tokens else None)
 
 
 def _last_content_text(message: dict[str, Any]) -> str:
@@ -150,4 +150,4 @@ async def prepare(req: ChatCompletionRequest, state: ServerState, request_id: st
     return ChatContext(req, request_id, model, now(), role, prompt_text, ids, params, mode, kwargs,
                        config.reasoning_parser, config.tool_call_parser, echo_text,
                        TokenText(engine.tokenizer, bool(req.return_tokens_as_token_ids)),
-                       limits.prefix_caching)
+                       limits.report_cached_tokens)

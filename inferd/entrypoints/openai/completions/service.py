@@ -41,7 +41,7 @@ class CompletionContext:
     prompts: list[PreparedPrompt]
     tokenizer: Any
     token_text: TokenText
-    prefix_caching: bool
+    report_cached_tokens: bool  # usage.prompt_tokens_details
     cached: dict[int, int] = field(default_factory=dict)  # prompt index -> cached tokens
     # Prompt index -> prompt logprobs; a stream gets them once, with the prompt's first output.
     prompt_lps: dict[int, list] = field(default_factory=dict)
@@ -51,7 +51,7 @@ class CompletionContext:
 
     def usage(self, completion_tokens: int) -> dict:
         prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
-        cached = sum(self.cached.values()) if self.prefix_caching else None
+        cached = sum(self.cached.values()) if self.report_cached_tokens else None
         return usage_json(prompt_tokens, completion_tokens, cached)
 
 
@@ -78,7 +78,7 @@ async def prepare(req: CompletionRequest, state: ServerState, request_id: str) -
         prompts.append(PreparedPrompt(text, ids, params))
     return CompletionContext(req, request_id, model, now(), prompts, engine.tokenizer,
                              TokenText(engine.tokenizer, bool(req.return_tokens_as_token_ids)),
-                             limits.prefix_caching)
+                             limits.report_cached_tokens)
 
 
 def _generators(ctx: CompletionContext, state: ServerState) -> list[AsyncIterator[RequestOutput]]:
