@@ -15,8 +15,7 @@ import gzip
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
-                               generate_latest)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import choose_encoder
 
 from inferd.engine.protocol import SchedulerStats
@@ -63,7 +62,7 @@ def iteration_token_buckets(max_num_batched_tokens: int) -> list[int]:
 
 
 class PrometheusStatsSink:
-    """Engine metrics for one served model; `render()` is the /metrics body."""
+    """Engine metrics for one served model; `exposition()` is the /metrics body."""
 
     def __init__(self, model_name: str, max_model_len: int, max_num_batched_tokens: int = 2048,
                  engine_index: str = "0", registry: CollectorRegistry | None = None):
@@ -215,9 +214,6 @@ class PrometheusStatsSink:
         self._rejected.labels(**self._labels, reason=reason).inc()
 
     # -- exposition ---------------------------------------------------------------------------
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
 
     def exposition(self, accept: str = "", accept_encoding: str = "") -> tuple[bytes, dict[str, str]]:
         """The /metrics body and headers as prometheus_client's own ASGI app (which vLLM mounts)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 from inferd.sampling_params import StructuredOutputsParams
 
@@ -135,25 +135,32 @@ _SUBSCHEMA_LIST = ("allOf", "anyOf", "oneOf", "prefixItems", "items")
 _SUBSCHEMA_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
+def _schema_nodes(schema: Any) -> Iterator[tuple[dict, str]]:
+    """Every (sub)schema object with its JSON-pointer path. A node's subschemas are read after
+    the caller has seen it, so the caller may rewrite a node before the walk goes below it."""
+    stack: list[tuple[Any, str]] = [(schema, "#")]
+    while stack:
+        node, path = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        yield node, path
+        for key in _SUBSCHEMA:
+            if isinstance(node.get(key), dict):
+                stack.append((node[key], f"{path}/{key}"))
+        for key in _SUBSCHEMA_LIST:
+            if isinstance(node.get(key), list):
+                stack.extend((sub, f"{path}/{key}/{i}") for i, sub in enumerate(node[key]))
+        for key in _SUBSCHEMA_MAP:
+            if isinstance(node.get(key), dict):
+                stack.extend((sub, f"{path}/{key}/{name}") for name, sub in node[key].items())
+
+
 def _forbid_additional_properties(schema: Any) -> None:
     """Set `additionalProperties: false` on every object schema that declares properties but
     leaves additional ones open by default (vLLM's `disable_additional_properties`)."""
-    stack = [schema]
-    while stack:
-        node = stack.pop()
-        if not isinstance(node, dict):
-            continue
+    for node, _ in _schema_nodes(schema):
         if ("properties" in node or "patternProperties" in node) and "additionalProperties" not in node:
             node["additionalProperties"] = False
-        for key in _SUBSCHEMA:
-            if isinstance(node.get(key), dict):
-                stack.append(node[key])
-        for key in _SUBSCHEMA_LIST:
-            if isinstance(node.get(key), list):
-                stack.extend(node[key])
-        for key in _SUBSCHEMA_MAP:
-            if isinstance(node.get(key), dict):
-                stack.extend(node[key].values())
 
 
 # xgrammar (0.2.x) compiles schemas with these keywords but does not enforce them: the grammar
@@ -171,11 +178,7 @@ _MERGEABLE = {"type", "properties", "required", "title", "description"}
 def check_enforceable(schema: Any) -> None:
     """Refuse (ValueError) schema keywords the grammar would silently drop; merge an allOf of
     plain object schemas into its parent, the form Pydantic-style composition produces."""
-    stack: list[tuple[Any, str]] = [(schema, "#")]
-    while stack:
-        node, path = stack.pop()
-        if not isinstance(node, dict):
-            continue
+    for node, path in _schema_nodes(schema):
         for key in _UNENFORCED:
             if key in node:
                 raise ValueError(f"Invalid JSON schema: '{key}' at {path} is not supported by "
@@ -188,16 +191,7 @@ def check_enforceable(schema: Any) -> None:
             raise ValueError(f"Invalid JSON schema: $ref {ref[:200]!r} at {path} is not a local "
                              "reference; only '#...' references into the schema itself are supported")
         if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
-            _merge_all_of(node, path)
-        for key in _SUBSCHEMA:
-            if isinstance(node.get(key), dict):
-                stack.append((node[key], f"{path}/{key}"))
-        for key in _SUBSCHEMA_LIST:
-            if isinstance(node.get(key), list):
-                stack.extend((sub, f"{path}/{key}/{i}") for i, sub in enumerate(node[key]))
-        for key in _SUBSCHEMA_MAP:
-            if isinstance(node.get(key), dict):
-                stack.extend((sub, f"{path}/{key}/{name}") for name, sub in node[key].items())
+            _merge_all_of(node, path)  # before the walk reads its (now merged) properties
 
 
 def _merge_all_of(node: dict, path: str) -> None:

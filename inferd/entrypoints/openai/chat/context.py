@@ -110,7 +110,7 @@ async def prepare(req: ChatCompletionRequest, state: ServerState, request_id: st
     limits = ModelLimits.of(engine, config)
     model = state.check_model(req.model)
     req.check(limits)
-    if state.config.enable_force_include_usage:
+    if config.enable_force_include_usage:
         req.force_usage()
     mode = tool_mode(req, config)
     template = select_template(config.chat_template, req.chat_template,
