@@ -48,6 +48,7 @@ class KVCacheManager:
             return
         self.queries += num_tokens
         self.hits += num_hit
+        self.pool.record_lookup(num_tokens, num_hit)
 
     def can_allocate(self, req: Request, num_new_tokens: int,
                      new_computed: list[KVCacheBlock] = ()) -> bool:

@@ -21,16 +21,68 @@ def req(rid: str, tokens: list[int], max_tokens: int = 8, salt: str | None = Non
 
 def test_free_queue_order_and_o1_removal():
     pool = BlockPool(5)
-    assert pool.free_queue.block_ids() == [0, 1, 2, 3, 4]
-    a, b = pool.get_new_blocks(2)
-    assert (a.block_id, b.block_id) == (0, 1) and a.ref_cnt == b.ref_cnt == 1
-    assert pool.free_queue.block_ids() == [2, 3, 4]
-    pool.free_blocks([b, a])  # freed in this order -> evicted in this order
-    assert pool.free_queue.block_ids() == [2, 3, 4, 1, 0]
-    pool.touch([pool.blocks[3]])  # a cache hit on a free block pulls it out of the middle
-    assert pool.free_queue.block_ids() == [2, 4, 1, 0]
-    assert pool.blocks[3].ref_cnt == 1
+    assert pool.free_block_ids() == [0, 1, 2, 3, 4] and pool.free_queue.block_ids() == []
+    a, b, c = pool.get_new_blocks(3)
+    assert [x.block_id for x in (a, b, c)] == [0, 1, 2] and a.ref_cnt == b.ref_cnt == 1
+    assert pool.free_block_ids() == [3, 4]
+    pool.free_blocks([c, b, a])  # freed in this order -> evicted in this order
+    assert pool.free_queue.block_ids() == [2, 1, 0]
+    assert pool.free_block_ids() == [2, 1, 0, 3, 4]
+    pool.touch([b])  # a cache hit on a free block pulls it out of the middle
+    assert pool.free_queue.block_ids() == [2, 0]
+    assert b.ref_cnt == 1
     assert pool.num_free_blocks == 4
+
+
+def test_recycles_written_blocks_while_lookups_find_no_hits():
+    """Fresh blocks cost a page fault on first write (CPU): with no prefix reuse in sight the
+    pool evicts the oldest freed cached block instead of growing."""
+    kv = KVCacheManager(num_blocks=8, block_size=BS)
+    a = req("a", list(range(1, 9)))  # 2 full blocks
+    kv.record_prefix_lookup(8, 0)
+    kv.allocate_slots(a, 8)
+    kv.free(a)
+    assert kv.pool.free_block_ids() == [1, 0, 2, 3, 4, 5, 6, 7]
+    b = req("b", [50 + i for i in range(9)])  # nothing shared
+    assert kv.get_computed_blocks(b) == ([], 0)
+    kv.record_prefix_lookup(9, 0)
+    assert kv.allocate_slots(b, 9)
+    assert kv.block_ids("b") == [1, 0, 2]  # a's blocks first, LRU order, then one fresh
+    assert kv.get_computed_blocks(req("a2", list(range(1, 9)) + [3]))[1] == 0  # a evicted
+
+
+def test_grows_into_fresh_blocks_while_prefixes_are_hit():
+    kv = KVCacheManager(num_blocks=8, block_size=BS)
+    a = req("a", list(range(1, 9)))
+    kv.allocate_slots(a, 8)
+    kv.free(a)
+    kv.record_prefix_lookup(8, 4)  # recent lookups hit: cached blocks are worth keeping
+    b = req("b", [50 + i for i in range(9)])
+    assert kv.allocate_slots(b, 9)
+    assert kv.block_ids("b") == [2, 3, 4]
+    c = req("c", list(range(1, 9)) + [7])
+    assert kv.get_computed_blocks(c)[1] == 8  # both of a's blocks survived
+    kv.free(b)
+    assert kv.pool.free_block_ids() == [1, 0, 4, 3, 2, 5, 6, 7]
+    assert kv.allocate_slots(req("d", [90]), 1) and kv.block_ids("d") == [5]
+    # A freed block without a hash (a partial tail) holds nothing to find: reused first.
+    kv = KVCacheManager(num_blocks=8, block_size=BS)
+    e = req("e", list(range(1, 7)))  # one full block, one partial
+    kv.allocate_slots(e, 6)
+    kv.free(e)
+    kv.record_prefix_lookup(8, 8)
+    assert kv.pool.free_block_ids()[:2] == [1, 0] and kv.pool.blocks[1].block_hash is None
+    assert kv.allocate_slots(req("f", [90]), 1) and kv.block_ids("f") == [1]
+    assert kv.allocate_slots(req("g", [91]), 1) and kv.block_ids("g") == [2]  # 0 stays cached
+
+
+def test_without_prefix_caching_the_pool_recycles():
+    kv = KVCacheManager(num_blocks=6, block_size=BS, enable_prefix_caching=False)
+    a = req("a", list(range(1, 9)))
+    kv.allocate_slots(a, 8)
+    kv.free(a)
+    assert kv.allocate_slots(req("b", list(range(1, 9))), 8)
+    assert kv.block_ids("b") == [1, 0]
 
 
 def test_chained_hashes_depend_on_prefix_and_salt():
@@ -79,12 +131,13 @@ def test_free_then_evict_lru_and_reuse_after_free():
     a = req("a", list(range(1, 9)))
     kv.allocate_slots(a, 8)
     kv.free(a)
-    # Tail block first: the shared prefix (block 0) is evicted last.
-    assert kv.pool.free_queue.block_ids() == [2, 3, 1, 0]
+    # Tail block first: the shared prefix (block 0) is evicted last; blocks 2, 3 never used.
+    assert kv.pool.free_block_ids() == [1, 0, 2, 3]
     assert kv.pool.num_free_blocks == 4
     b = req("b", list(range(1, 5)) + [50, 51, 52, 53, 54])
     hits, n = kv.get_computed_blocks(b)
     assert [h.block_id for h in hits] == [0] and n == 4
+    kv.record_prefix_lookup(9, 4)  # a hit: the pool keeps cached blocks and grows
     assert kv.allocate_slots(b, 5, hits)
     assert kv.block_ids("b") == [0, 2, 3]
     # Block 1 (a's second block) is still cached and free; block 0 is held again.
