@@ -29,7 +29,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-ABI_VERSION = 1
+ABI_VERSION = 2
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # -ffp-contract=off: no fused multiply-adds the source did not write, so kernels that
 # replace torch op sequences round exactly as those ops do.
@@ -44,7 +44,7 @@ _SIGNATURES = {
     "inferd_decode_attention": ([ctypes.c_int, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr,
                                  _i64, _i64, _i64, _i64, _i64, _f32, _i64, _f32], None),
     "inferd_prefill_attention": ([_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr,
-                                  _i64, _i64, _i64, _i64, _i64, _i64, _f32, _i64], None),
+                                  _i64, _i64, _i64, _i64, _i64, _i64, _f32, _i64, _i64], None),
     "inferd_write_kv": ([ctypes.c_int, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64],
                         None),
     "inferd_argmax_f32": ([_ptr, _i64, _i64, _ptr], None),
@@ -238,12 +238,15 @@ def check_prefill_rows(query_start: list[int], seq_lens: list[int], num_tokens: 
 def prefill_attention(lib: ctypes.CDLL, q: torch.Tensor, kv_cache: torch.Tensor,
                       block_tables: torch.Tensor, seq_lens: torch.Tensor,
                       query_start: torch.Tensor, first: int, scale: float,
-                      sliding_window: int | None, out: torch.Tensor) -> None:
+                      sliding_window: int | None, out: torch.Tensor,
+                      use_amx: bool = False) -> None:
     """Causal attention of the prefill rows of sequences [first, len(query_start) - 1) into
     out (bf16 [T, H, D]): sequence i's queries are q rows [query_start[i], query_start[i+1]),
     the last of its seq_lens[i] positions, and attend to its blocks in kv_cache (which already
     hold their K/V). The caller has checked `prefill_attention_applies`, the tables and
-    lengths against the cache (`check_paged_metadata`) and the rows (`check_prefill_rows`)."""
+    lengths against the cache (`check_paged_metadata`) and the rows (`check_prefill_rows`).
+    `use_amx` takes the AMX tiles where the library has them and the process was granted them
+    (`has_amx`), else the AVX512-BF16 path."""
     t, h, d = q.shape
     _, nb, bs, hkv, dk = kv_cache.shape
     n = query_start.shape[0] - 1
@@ -260,7 +263,7 @@ def prefill_attention(lib: ctypes.CDLL, q: torch.Tensor, kv_cache: torch.Tensor,
                                  kv_cache.data_ptr(), nb, block_tables.data_ptr(),
                                  block_tables.stride(0), seq_lens.data_ptr(),
                                  query_start.data_ptr(), first, n, h, hkv, d, bs, scale,
-                                 sliding_window or 0)
+                                 sliding_window or 0, int(use_amx))
 
 
 def write_kv(lib: ctypes.CDLL, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

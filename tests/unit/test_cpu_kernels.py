@@ -388,40 +388,47 @@ def prefill_reference(kv, meta, q, tables, scale, window, block_size=16):
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 2, 128), (4, 1, 256),
                                                         (6, 6, 32)])
 @pytest.mark.parametrize("window", [None, 37])
-def test_prefill_attention_matches_the_reference(bf16_lib, heads, kv_heads, head_dim, window):
+@pytest.mark.parametrize("amx", [False, True], ids=["avx512bf16", "amx"])
+def test_prefill_attention_matches_the_reference(bf16_lib, heads, kv_heads, head_dim, window, amx):
     from inferd.attention.backends.cpu import CPUBackend
+    if amx and not kernels.has_amx(bf16_lib):
+        pytest.skip("no AMX on this CPU")
     # a decode first, then fresh prompts, prefix-cache hits and chunks of every alignment
-    cases = [(5, 1), (0, 2), (0, 16), (0, 33), (37, 20), (64, 16), (3, 130)]
+    cases = [(5, 1), (0, 2), (0, 16), (0, 33), (37, 20), (64, 16), (3, 130), (0, 300)]
     kv, meta, q, tables = paged_prefill_case(heads, kv_heads, head_dim, cases)
     assert meta.num_decodes == 1
     scale = 1 / math.sqrt(head_dim)
     out = torch.full_like(q, 7.0)
-    if kernels.has_amx(bf16_lib):  # the backend keeps torch's SDPA there: call the kernel
+    backend = CPUBackend(bf16_lib)
+    if amx == backend._amx:  # the backend's own choice
+        assert backend._prefills(q, kv, meta, out, scale, window, None)
+    else:
         kernels.check_prefill_rows(meta.query_start_loc, meta.seq_lens, q.shape[0])
         qs = torch.tensor(meta.query_start_loc, dtype=torch.int32)
         kernels.prefill_attention(bf16_lib, q, kv, meta.block_tables, meta.seq_lens_t, qs,
-                                  meta.num_decodes, scale, window, out)
-    else:
-        assert CPUBackend(bf16_lib)._prefills(q, kv, meta, out, scale, window, None)
+                                  meta.num_decodes, scale, window, out, use_amx=amx)
     ref = prefill_reference(kv, meta, q, tables, scale, window)
     assert torch.equal(out[0], torch.full_like(q[0], 7.0))  # the decode row is not touched
     torch.testing.assert_close(out[1:].double(), ref[1:], atol=2e-2, rtol=2e-2)
 
 
-def test_prefill_attention_rows_do_not_depend_on_the_batch(bf16_lib):
-    cases = [(0, 40), (21, 17), (0, 5)]
+@pytest.mark.parametrize("amx", [False, True], ids=["avx512bf16", "amx"])
+def test_prefill_attention_rows_do_not_depend_on_the_batch(bf16_lib, amx):
+    if amx and not kernels.has_amx(bf16_lib):
+        pytest.skip("no AMX on this CPU")
+    cases = [(0, 40), (21, 17), (0, 5), (0, 270)]
     kv, meta, q, _ = paged_prefill_case(9, 3, 64, cases)
     qs = torch.tensor(meta.query_start_loc, dtype=torch.int32)
     whole = torch.empty_like(q)
     kernels.prefill_attention(bf16_lib, q, kv, meta.block_tables, meta.seq_lens_t, qs, 0, 0.125,
-                              None, whole)
-    for i in range(3):
+                              None, whole, use_amx=amx)
+    for i in range(len(cases)):
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         alone = torch.empty_like(q[start:end])
         kernels.prefill_attention(bf16_lib, q[start:end], kv, meta.block_tables[i:i + 1],
                                   meta.seq_lens_t[i:i + 1],
                                   torch.tensor([0, end - start], dtype=torch.int32), 0, 0.125,
-                                  None, alone)
+                                  None, alone, use_amx=amx)
         assert torch.equal(alone, whole[start:end]), i
 
 

@@ -30,6 +30,12 @@ void inferd_gemv_q4(void* y, int y_is_f32, int64_t ldy, const void* x, int64_t l
 void inferd_gemv_q8(void* y, int y_is_f32, int64_t ldy, const void* x, int64_t ldx,
                     const int8_t* qs, const float* d, const void* bias, int64_t M, int64_t N,
                     int64_t K);
+void inferd_prefill_attention(void* out, int64_t out_stride, const void* q, int64_t q_stride,
+                              const void* kv_cache, int64_t num_blocks, const int32_t* block_tables,
+                              int64_t table_stride, const int32_t* seq_lens,
+                              const int32_t* query_start, int64_t first, int64_t num_seqs,
+                              int64_t heads, int64_t kv_heads, int64_t head_dim,
+                              int64_t block_size, float scale, int64_t window, int64_t use_amx);
 int inferd_amx_init();
 void inferd_gemm_q4_amx(void* y, int64_t ldy, const void* x, int64_t ldx, const uint8_t* qs,
                         const float* d, const float* m, const void* bias, int64_t M, int64_t N,

@@ -15,6 +15,28 @@
 
 namespace inferd {
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define INFERD_HAS_AMX 1
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Every tile 16 rows x 64 bytes. Per thread: call inside the parallel region, and
+// _tile_release() when done. Needs inferd_amx_init() to have returned 1.
+inline void configure_tiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+#endif
+
 enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
 struct bf16 {

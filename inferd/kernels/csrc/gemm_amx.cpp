@@ -16,32 +16,15 @@
 #include "api.h"
 #include "common.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#if defined(INFERD_HAS_AMX)
 #include <sys/syscall.h>
 #include <unistd.h>
-#define INFERD_HAS_AMX 1
 #endif
 
 namespace inferd {
 namespace {
 
 #if defined(INFERD_HAS_AMX)
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-void configure_tiles() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {  // every tile 16 rows x 64 bytes
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  _tile_loadconfig(&cfg);
-}
 
 // One 32-value block as bf16: its 16 possible values, d * q + m in fp32 (two roundings) rounded
 // to bf16, looked up by the nibbles.
