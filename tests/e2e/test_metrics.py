@@ -212,3 +212,19 @@ def test_queue_counts_choices_and_admits_a_burst_one_at_a_time(http, server):
         t.join(120)
     assert sorted(statuses) == [200, 429, 429]
     assert value(scrape(http), "request_rejected_total", reason="queue_full") == rejected + 3
+
+
+def test_n_that_can_never_fit_is_400_not_429(http):
+    """One batch slot plus one waiting place: n=3 is refused even on an idle server, so a
+    Retry-After would have the client retry forever. It is a 400 naming `n` instead."""
+    rejected = value(scrape(http), "request_rejected_total", reason="queue_full")
+    resp = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "x", "max_tokens": 2,
+                                              "n": 3})
+    assert resp.status_code == 400, resp.text
+    assert "retry-after" not in resp.headers
+    error = resp.json()["error"]
+    assert error["param"] == "n" and "--max-num-queued-requests" in error["message"]
+    assert value(scrape(http), "request_rejected_total", reason="queue_full") == rejected
+    ok = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "x", "max_tokens": 2,
+                                            "n": 2})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 2  # the slot and the place

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from inferd.config import ConfigError
-from inferd.entrypoints.openai.errors import ModelNotFound, Overloaded
+from inferd.entrypoints.openai.errors import BadRequest, ModelNotFound, Overloaded
 
 if TYPE_CHECKING:
     from inferd.engine.async_llm import AsyncLLM
@@ -167,7 +167,7 @@ class ServerState:
         from_stats = stats.num_waiting_reqs if stats is not None else 0
         return min(unfinished, max(from_stats, unfinished - self.max_num_seqs))
 
-    def check_capacity(self, n: int = 1) -> None:
+    def check_capacity(self, n: int = 1, param: str = "n") -> None:
         """Refuse (429 + Retry-After) when admitting `n` more sequences (an n-choice request is
         n) would overfill the waiting queue. Called before any byte of the response is produced:
         once per POST up front (cheap, before tokenizing), and by the engine client for each
@@ -176,6 +176,11 @@ class ServerState:
         limit = self.config.max_num_queued_requests
         if limit is None:
             return
+        if n > self.max_num_seqs + limit:
+            # Never admissible, however idle the server: a 429 would have clients retry forever.
+            raise BadRequest(f"This request needs {n} sequences at once, more than "
+                             f"--max-num-seqs ({self.max_num_seqs}) plus "
+                             f"--max-num-queued-requests ({limit}) allow.", param=param)
         unfinished = self.engine.num_unfinished_seqs()
         waiting = self.num_waiting()
         free_slots = max(0, self.max_num_seqs - (unfinished - waiting))

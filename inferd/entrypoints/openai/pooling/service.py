@@ -201,7 +201,7 @@ async def gather_all(aws: Sequence[Awaitable[T]]) -> list[T]:
 
 async def encode_all(state: ServerState, prompts: list[Prompt], params: list[PoolingParams],
                      request_id: str) -> list[list[float]]:
-    state.check_capacity(len(prompts))
+    state.check_capacity(len(prompts), param="input")
     engine, base = state.engine, engine_request_id(request_id)
     outs = await gather_all([engine.encode(p.token_ids, pp, f"{base}-{i}")
                              for i, (p, pp) in enumerate(zip(prompts, params))])
