@@ -274,42 +274,61 @@ void prefill_tile_amx(const Prefill& a, const int32_t* table, int64_t start, int
         INFERD_TILE_CASE4(INFERD_STORE_S);
 #undef INFERD_STORE_S
       }
-      for (int i = 0; i < 16; ++i) {  // softmax, as prefill_tile does it
-        alpha[i] = 1.f;
-        std::memset(pbuf[i], 0, sizeof(pbuf[i]));
+      // Softmax of the 16 rows (the tile above's arithmetic). Scalar work per row, a
+      // horizontal max and std::exp of the rescale factor, was most of the kernel's time: the
+      // rows' maxima, rescale factors and sums go through one vector each instead.
+      const __m512 ninf = _mm512_set1_ps(kNegInf);
+      // every key of this step at or before every row's position: no per-key mask
+      const bool full = a.window <= 0 && kb + 16 * ns - 1 <= ctx + p0 + r0 / G;
+      alignas(64) float rmax[16], rnew[16], esums[16];
+      for (int i = 0; i < 16; ++i) {
         const int64_t r = r0 + i;
-        if (r >= R) continue;
-        const int64_t qpos = ctx + p0 + r / G;
-        __mmask16 keep[kSub];
-        __m512 sv[kSub];
-        __m512 m4 = _mm512_set1_ps(kNegInf);
-        bool any = false;
-        for (int sb = 0; sb < kSub; ++sb) {
-          const __m512i kpos = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(kb + 16 * sb)), lane);
-          keep[sb] = sb < ns ? _mm512_cmple_epi32_mask(kpos, _mm512_set1_epi32(static_cast<int32_t>(qpos)))
-                             : 0;
-          if (a.window > 0)
-            keep[sb] &= _mm512_cmpgt_epi32_mask(kpos, _mm512_set1_epi32(static_cast<int32_t>(qpos - a.window)));
-          any |= keep[sb] != 0;
-          sv[sb] = sb < ns ? _mm512_mask_mul_ps(_mm512_set1_ps(kNegInf), keep[sb],
-                                                _mm512_load_ps(&sbuf[i][16 * sb]),
-                                                _mm512_set1_ps(a.scale))
-                           : _mm512_set1_ps(kNegInf);
-          m4 = _mm512_max_ps(m4, sv[sb]);
+        __m512 m4 = ninf;
+        if (r < R) {
+          const int64_t qpos = ctx + p0 + r / G;
+          for (int sb = 0; sb < ns; ++sb) {
+            __mmask16 keep = 0xffff;
+            if (!full) {
+              const __m512i kpos = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(kb + 16 * sb)), lane);
+              keep = _mm512_cmple_epi32_mask(kpos, _mm512_set1_epi32(static_cast<int32_t>(qpos)));
+              if (a.window > 0)
+                keep &= _mm512_cmpgt_epi32_mask(kpos, _mm512_set1_epi32(static_cast<int32_t>(qpos - a.window)));
+            }
+            const __m512 sv = _mm512_mask_mul_ps(ninf, keep, _mm512_load_ps(&sbuf[i][16 * sb]),
+                                                 _mm512_set1_ps(a.scale));
+            _mm512_store_ps(&sbuf[i][16 * sb], sv);
+            m4 = _mm512_max_ps(m4, sv);
+          }
         }
-        if (!any) continue;
-        const float m_new = std::max(mx[r], _mm512_reduce_max_ps(m4));
-        const float al = mx[r] == kNegInf ? 0.f : std::exp(mx[r] - m_new);
+        rmax[i] = _mm512_reduce_max_ps(m4);
+      }
+      const __m512 m_old = _mm512_loadu_ps(mx.data() + r0), rm = _mm512_load_ps(rmax);
+      const __m512 m_new = _mm512_max_ps(m_old, rm);
+      const __mmask16 had = _mm512_cmp_ps_mask(m_old, ninf, _CMP_NEQ_OQ);  // keys before
+      const __mmask16 has = _mm512_cmp_ps_mask(rm, ninf, _CMP_NEQ_OQ);     // keys in this step
+      // alpha = exp(m_old - m_new), 0 for a row's first keys, 1 for rows without keys here
+      const __m512 al = _mm512_mask_mov_ps(_mm512_set1_ps(1.f), has,
+                                           _mm512_maskz_mov_ps(had, exp512(_mm512_sub_ps(m_old, m_new))));
+      _mm512_store_ps(alpha, al);
+      _mm512_store_ps(rnew, m_new);
+      _mm512_storeu_ps(mx.data() + r0, _mm512_mask_mov_ps(m_old, has, m_new));
+      for (int i = 0; i < 16; ++i) {
+        std::memset(pbuf[i], 0, sizeof(pbuf[i]));
+        esums[i] = 0.f;
+        if (!((has >> i) & 1)) continue;
+        const __m512 mv = _mm512_set1_ps(rnew[i]);
         __m512 esum = _mm512_setzero_ps();
         for (int sb = 0; sb < ns; ++sb) {
-          const __m512 e = _mm512_maskz_mov_ps(keep[sb], exp512(_mm512_sub_ps(sv[sb], _mm512_set1_ps(m_new))));
+          const __m512 sv = _mm512_load_ps(&sbuf[i][16 * sb]);
+          const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(sv, ninf, _CMP_NEQ_OQ),
+                                               exp512(_mm512_sub_ps(sv, mv)));
           esum = _mm512_add_ps(esum, e);
           _mm256_store_si256(reinterpret_cast<__m256i*>(pbuf[i] + 8 * sb), bf16_bits(e));
         }
-        mx[r] = m_new;
-        sum[r] = sum[r] * al + _mm512_reduce_add_ps(esum);
-        alpha[i] = al;
+        esums[i] = _mm512_reduce_add_ps(esum);
       }
+      _mm512_storeu_ps(sum.data() + r0, _mm512_fmadd_ps(_mm512_loadu_ps(sum.data() + r0), al,
+                                                       _mm512_load_ps(esums)));
       for (int64_t j0 = 0; j0 < DC; j0 += 4) {  // out += p . V, 4 x 16 dims per pass
         const int n = static_cast<int>(std::min<int64_t>(4, DC - j0));
         INFERD_TILE_CASE4(INFERD_ZERO);
