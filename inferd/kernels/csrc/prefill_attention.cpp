@@ -37,13 +37,51 @@ struct Prefill {
   float scale;
 };
 
+// Keys 0 .. n16 - 1 of one cache block (rows `row` elements apart, one KV head of D) as the
+// products' operands, zero past n16: K^T pairs kt[dp][j] = (k[j][2dp], k[j][2dp + 1]) (a 16 x 16
+// transpose of 32-bit pairs per 32 dims) and value pairs vp[kp][d] = (v[2kp][d], v[2kp + 1][d]).
+// Both are also AMX's B-tile layouts.
+inline void pack_kv_group(uint32_t (*kt)[16], uint32_t (*vp)[kMaxD], const bf16* kbase,
+                          const bf16* vbase, int64_t row, int64_t D, int64_t n16) {
+  for (int64_t c = 0; c < D / 2; c += 16) {
+    __m512i rows[16];
+    for (int j = 0; j < 16; ++j)
+      rows[j] = j < n16 ? _mm512_loadu_si512(kbase + j * row + 2 * c) : _mm512_setzero_si512();
+    transpose16(rows);
+    for (int i = 0; i < 16; ++i) _mm512_store_si512(kt[c + i], rows[i]);
+  }
+  for (int kp = 0; kp < 8; ++kp) {
+    const int j0 = 2 * kp, j1 = 2 * kp + 1;
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512i a0 = j0 < n16 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(vbase + j0 * row + d))) : _mm512_setzero_si512();
+      const __m512i a1 = j1 < n16 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(vbase + j1 * row + d))) : _mm512_setzero_si512();
+      _mm512_store_si512(vp[kp] + d, _mm512_or_si512(a0, _mm512_slli_epi32(a1, 16)));
+    }
+  }
+}
+
+// Keys kb .. kb + nk - 1 (nk <= 16 kSub, groups of 16 inside one cache block each) of KV head g.
+inline void pack_kv_step(const Prefill& a, const int32_t* table, int64_t g, int64_t kb, int64_t nk,
+                         uint32_t (*kt)[kMaxD / 2][16], uint32_t (*vp)[kMaxD]) {
+  const int64_t row = a.kv_heads * a.D;
+  const bf16* kc = a.kv;
+  const bf16* vc = a.kv + a.num_blocks * a.block_size * row;
+  for (int64_t sb = 0; 16 * sb < nk; ++sb) {
+    const int64_t k0 = kb + 16 * sb;
+    const int64_t at = (static_cast<int64_t>(table[k0 / a.block_size]) * a.block_size +
+                        k0 % a.block_size) * row + g * a.D;
+    pack_kv_group(kt[sb], vp + 8 * sb, kc + at, vc + at, row, a.D, std::min<int64_t>(16, nk - 16 * sb));
+  }
+}
+
 // One unit: sequence rows [start, start + lq) at positions ctx .. ctx + lq - 1 (the tile's
 // rows p0 .. p0 + np - 1), KV head g.
 void prefill_tile(const Prefill& a, const int32_t* table, int64_t start, int64_t ctx,
                   int64_t p0, int64_t np, int64_t g) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t D = a.D, G = a.heads / a.kv_heads, R = np * G, DP = D / 2, DC = D / 16;
-  const int64_t row = a.kv_heads * D;  // elements between tokens in the cache
   // rows r = p * G + h: query position p0 + p, head g * G + h
   std::vector<__m512> o_buf(R * D / 16);  // fp32 output rows [R, D], 64-byte aligned
   float* o = reinterpret_cast<float*>(o_buf.data());
@@ -57,37 +95,13 @@ void prefill_tile(const Prefill& a, const int32_t* table, int64_t start, int64_t
   }
   const int64_t q_lo = ctx + p0, q_hi = ctx + p0 + np - 1;  // positions of the tile's queries
   const int64_t k_lo = a.window > 0 ? std::max<int64_t>(0, q_lo - a.window + 1) : 0;
-  const bf16* kc = a.kv;
-  const bf16* vc = a.kv + a.num_blocks * a.block_size * row;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t kb = k_lo / 16 * 16; kb <= q_hi; kb += 16 * kSub) {
     // keys kb .. kb + 16 kSub - 1 in kSub groups of 16 (each inside one cache block); keys
     // past q_hi are never used, and are zero here
     const int64_t nk = std::min<int64_t>(16 * kSub, q_hi + 1 - kb);
     const int ns = static_cast<int>((nk + 15) / 16);
-    for (int sb = 0; sb < ns; ++sb) {
-      const int64_t k0 = kb + 16 * sb, n16 = std::min<int64_t>(16, nk - 16 * sb);
-      const int64_t blk = table[k0 / a.block_size], off = k0 % a.block_size;
-      const bf16* kbase = kc + (blk * a.block_size + off) * row + g * D;
-      const bf16* vbase = vc + (blk * a.block_size + off) * row + g * D;
-      for (int64_t c = 0; c < DP; c += 16) {  // a 16 x 16 transpose of 32-bit pairs
-        __m512i rows[16];
-        for (int j = 0; j < 16; ++j)
-          rows[j] = j < n16 ? _mm512_loadu_si512(kbase + j * row + 2 * c) : _mm512_setzero_si512();
-        transpose16(rows);
-        for (int i = 0; i < 16; ++i) _mm512_store_si512(kt[sb][c + i], rows[i]);
-      }
-      for (int kp = 0; kp < 8; ++kp) {
-        const int j0 = 2 * kp, j1 = 2 * kp + 1;
-        for (int64_t d = 0; d < D; d += 16) {
-          const __m512i a0 = j0 < n16 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(vbase + j0 * row + d))) : _mm512_setzero_si512();
-          const __m512i a1 = j1 < n16 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(vbase + j1 * row + d))) : _mm512_setzero_si512();
-          _mm512_store_si512(vp[8 * sb + kp] + d, _mm512_or_si512(a0, _mm512_slli_epi32(a1, 16)));
-        }
-      }
-    }
+    pack_kv_step(a, table, g, kb, nk, kt, vp);
     for (int64_t r0 = 0; r0 < R; r0 += kRows) {  // kRows rows at a time: independent chains
       const int rg = static_cast<int>(std::min<int64_t>(kRows, R - r0));
       const uint32_t* qr[kRows];
@@ -199,7 +213,6 @@ void prefill_tile_amx(const Prefill& a, const int32_t* table, int64_t start, int
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t D = a.D, G = a.heads / a.kv_heads, R = np * G, DC = D / 16;
   const int64_t Rp = (R + 15) / 16 * 16;  // rows padded to whole tiles (zero queries)
-  const int64_t row = a.kv_heads * D;
   std::vector<bf16> qbuf(Rp * D);          // the unit's query rows, contiguous for tile loads
   std::vector<__m512> o_buf(Rp * D / 16);  // fp32 output rows [Rp, D]
   float* o = reinterpret_cast<float*>(o_buf.data());
@@ -221,36 +234,12 @@ void prefill_tile_amx(const Prefill& a, const int32_t* table, int64_t start, int
   }
   const int64_t q_lo = ctx + p0, q_hi = ctx + p0 + np - 1;
   const int64_t k_lo = a.window > 0 ? std::max<int64_t>(0, q_lo - a.window + 1) : 0;
-  const bf16* kc = a.kv;
-  const bf16* vc = a.kv + a.num_blocks * a.block_size * row;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t kb = k_lo / 16 * 16; kb <= q_hi; kb += 16 * kSub) {
     const int64_t nk = std::min<int64_t>(16 * kSub, q_hi + 1 - kb);
     const int ns = static_cast<int>((nk + 15) / 16);
     const int nkc = (ns + 1) / 2;  // 32-key chunks of P . V
-    for (int sb = 0; sb < ns; ++sb) {
-      const int64_t k0 = kb + 16 * sb, n16 = std::min<int64_t>(16, nk - 16 * sb);
-      const int64_t blk = table[k0 / a.block_size], off = k0 % a.block_size;
-      const bf16* kbase = kc + (blk * a.block_size + off) * row + g * D;
-      const bf16* vbase = vc + (blk * a.block_size + off) * row + g * D;
-      for (int64_t c = 0; c < D / 2; c += 16) {
-        __m512i rows[16];
-        for (int j = 0; j < 16; ++j)
-          rows[j] = j < n16 ? _mm512_loadu_si512(kbase + j * row + 2 * c) : _mm512_setzero_si512();
-        transpose16(rows);
-        for (int i = 0; i < 16; ++i) _mm512_store_si512(kt[sb][c + i], rows[i]);
-      }
-      for (int kp = 0; kp < 8; ++kp) {
-        const int j0 = 2 * kp, j1 = 2 * kp + 1;
-        for (int64_t d = 0; d < D; d += 16) {
-          const __m512i a0 = j0 < n16 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(vbase + j0 * row + d))) : _mm512_setzero_si512();
-          const __m512i a1 = j1 < n16 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(vbase + j1 * row + d))) : _mm512_setzero_si512();
-          _mm512_store_si512(vp[8 * sb + kp] + d, _mm512_or_si512(a0, _mm512_slli_epi32(a1, 16)));
-        }
-      }
-    }
+    pack_kv_step(a, table, g, kb, nk, kt, vp);
     if (ns % 2)  // the odd group's partner in the last 32-key chunk: zero values (p is 0 too)
       for (int kp = 8 * ns; kp < 8 * ns + 8; ++kp) std::memset(vp[kp], 0, D * sizeof(uint32_t));
     for (int64_t r0 = 0; r0 < Rp; r0 += 16) {
