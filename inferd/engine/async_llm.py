@@ -46,6 +46,11 @@ class AsyncLLM:
         self.stats_sinks = list(stats_sinks)
         self._ipc_dir = tempfile.mkdtemp(prefix="inferd-")
         self._ctx = zmq.asyncio.Context()
+        # Sockets never wait for unsent messages: a context garbage-collected with a socket
+        # still open (a constructor that raised, a client never shut down) is destroyed, and
+        # with ZMQ's default infinite linger that blocked the collecting thread forever once a
+        # message was queued for an engine process that had gone.
+        self._ctx.setsockopt(zmq.LINGER, 0)
         self._in_addr = f"ipc://{self._ipc_dir}/in"
         self._out_addr = f"ipc://{self._ipc_dir}/out"
         self._ready_addr = f"ipc://{self._ipc_dir}/ready"
@@ -62,10 +67,18 @@ class AsyncLLM:
         except BaseException:
             self._proc.kill()
             self._proc.wait()
+            self._close_ipc()
             raise
         self.hf_config = self.info.hf_config
         self.generation_defaults = dict(self.info.generation_defaults)
-        ready = self._wait_ready()
+        try:
+            ready = self._wait_ready()
+        except BaseException:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc.wait()
+            self._close_ipc()
+            raise
         self.max_model_len = ready.max_model_len
         self.num_blocks = ready.num_blocks
         config.model.max_model_len = ready.max_model_len
@@ -266,6 +279,9 @@ class AsyncLLM:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
+        self._close_ipc()
+
+    def _close_ipc(self) -> None:
         self._to_engine.close(linger=0)
         self._from_engine.close(linger=0)
         self._ctx.term()

@@ -41,6 +41,7 @@ def decode_config(data: bytes) -> EngineConfig:
 class EngineCoreProc:
     def __init__(self, config: EngineConfig, in_addr: str, out_addr: str, ready_addr: str):
         self.ctx = zmq.Context()
+        self.ctx.setsockopt(zmq.LINGER, 0)  # never block exit on unsent outputs (async_llm.py)
         self.inp = self.ctx.socket(zmq.PULL)
         self.inp.connect(in_addr)
         self.out = self.ctx.socket(zmq.PUSH)
