@@ -109,6 +109,8 @@ class BlockPool:
         self._hit = self._hit * HIT_RATE_DECAY + num_hit
 
     def _take_fresh(self) -> bool:
+        """The next block comes from the never-used ones rather than the freed ones (see the
+        module doc)."""
         if not self._fresh:
             return False
         oldest = self.free_queue.first()
@@ -116,7 +118,7 @@ class BlockPool:
             return True
         if not self.enable_caching or oldest.block_hash is None:
             return False  # the oldest freed block holds nothing a lookup could find
-        return self._hit >= GROW_HIT_RATE * self._queried > 0
+        return self._queried > 0 and self._hit >= GROW_HIT_RATE * self._queried
 
     @property
     def usage(self) -> float:
