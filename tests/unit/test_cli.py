@@ -205,3 +205,21 @@ def test_field_docs_read_the_docstrings_under_fields():
     assert field_docs(_Documented) == {
         "plain": "One line.", "spread": 'Over "two" lines, with a "quote".',
         "after_comment": "Still read."}
+
+
+def test_a_failed_engine_start_leaves_nothing_behind(tmp_path):
+    """The pooling-on-GGUF refusal comes after the engine client has opened its sockets. They,
+    the ZMQ context and the IPC directory must go with it: a context collected later with a
+    socket still open blocked the collecting thread forever (a 600 s CI stall)."""
+    import subprocess
+    import sys
+    code = ("import gc, sys\n"
+            "from inferd.cli.main import main\n"
+            "try:\n    main(['serve', '--runner', 'pooling'])\n"
+            "except SystemExit as e:\n    code = e.code\n"
+            "gc.collect()\n"
+            "sys.exit(0 if code == 2 else 1)\n")
+    env = {**__import__("os").environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, timeout=120, capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert not list(tmp_path.glob("inferd-*"))  # the IPC directory is gone
