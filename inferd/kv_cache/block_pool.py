@@ -30,18 +30,14 @@ class KVCacheBlock:
 
 
 class FreeBlockQueue:
-    """Doubly linked list of free blocks; head is evicted first."""
+    """Doubly linked list of free blocks, empty at first; head is evicted first."""
 
-    def __init__(self, blocks: list[KVCacheBlock]):
-        self.num_free = len(blocks)
+    def __init__(self) -> None:
+        self.num_free = 0
         # Sentinels remove the empty-list special cases from every operation.
         self._head = KVCacheBlock(-1)
         self._tail = KVCacheBlock(-1)
-        prev = self._head
-        for b in blocks:
-            prev.next_free, b.prev_free = b, prev
-            prev = b
-        prev.next_free, self._tail.prev_free = self._tail, prev
+        self._head.next_free, self._tail.prev_free = self._tail, self._head
 
     def first(self) -> KVCacheBlock | None:
         b = self._head.next_free
@@ -89,7 +85,7 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
-        self.free_queue = FreeBlockQueue([])  # blocks handed out before and freed since
+        self.free_queue = FreeBlockQueue()  # blocks handed out before and freed since
         self._fresh = list(range(num_blocks - 1, -1, -1))  # never handed out; pop() -> lowest id
         self.cached: dict[bytes, KVCacheBlock] = {}
         self._queried = 0.0  # decayed prefix-lookup counts, in tokens
