@@ -29,7 +29,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-ABI_VERSION = 2
+ABI_VERSION = 3
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # -ffp-contract=off: no fused multiply-adds the source did not write, so kernels that
 # replace torch op sequences round exactly as those ops do.
@@ -42,7 +42,7 @@ _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 _SIGNATURES = {
     "inferd_abi_version": ([], ctypes.c_int),
     "inferd_decode_attention": ([ctypes.c_int, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr,
-                                 _i64, _i64, _i64, _i64, _i64, _f32, _i64, _f32], None),
+                                 _i64, _i64, _i64, _i64, _i64, _f32, _i64, _f32, _i64], None),
     "inferd_prefill_attention": ([_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr,
                                   _i64, _i64, _i64, _i64, _i64, _i64, _f32, _i64, _i64], None),
     "inferd_write_kv": ([ctypes.c_int, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64],
@@ -196,11 +196,15 @@ def check_paged_metadata(slot_mapping: torch.Tensor, block_tables: torch.Tensor,
 
 def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, kv_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                     sliding_window: int | None, soft_cap: float | None) -> torch.Tensor:
+                     sliding_window: int | None, soft_cap: float | None,
+                     use_amx: bool = False) -> torch.Tensor:
     """q [n, H, D] (one query per sequence), kv_cache [2, NB, bs, Hkv, D], block_tables int32
     [>= n, max_blocks], seq_lens int32 [>= n] -> [n, H, D]; sequence i attends to the first
     seq_lens[i] positions of its blocks (the last of which is the query's own). The caller
-    has checked tables and lengths against the cache (`check_paged_metadata`)."""
+    has checked tables and lengths against the cache (`check_paged_metadata`). `use_amx`
+    takes the AMX tiles for bf16 where the library has them and the process was granted them
+    (`has_amx`; head dims 32/64/128/256, block sizes a multiple of 16, <= 16 query heads per
+    KV head), else the AVX512-BF16 path."""
     n, h, d = q.shape
     _, nb, bs, hkv, dk = kv_cache.shape
     _check(q.dtype == kv_cache.dtype and q.dtype in DTYPE_CODES, "dtype")
@@ -212,7 +216,7 @@ def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, kv_cache: torch.Tensor,
     lib.inferd_decode_attention(DTYPE_CODES[q.dtype], out.data_ptr(), q.data_ptr(), q.stride(0),
                                 kv_cache.data_ptr(), nb, block_tables.data_ptr(),
                                 block_tables.stride(0), seq_lens.data_ptr(), n, h, hkv, d, bs,
-                                scale, sliding_window or 0, soft_cap or 0.0)
+                                scale, sliding_window or 0, soft_cap or 0.0, int(use_amx))
     return out
 
 

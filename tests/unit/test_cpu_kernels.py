@@ -46,13 +46,17 @@ TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 2, 128), (4, 1, 256),
                                                         (6, 6, 48)])
 @pytest.mark.parametrize("window, soft_cap", [(None, None), (37, None), (None, 30.0)])
-def test_decode_attention_matches_sdpa(lib, dtype, heads, kv_heads, head_dim, window, soft_cap):
+@pytest.mark.parametrize("amx", [False, True], ids=["noamx", "amx"])
+def test_decode_attention_matches_sdpa(lib, dtype, heads, kv_heads, head_dim, window, soft_cap,
+                                       amx):
+    if amx and not kernels.has_amx(lib):
+        pytest.skip("no AMX here")
     # every context length mod 16 (block size, and the kernels' 16-key groups), long ones
     contexts = list(range(34)) + [200, 333]
     kv, meta, q = paged_decode_case(heads, kv_heads, head_dim, contexts, dtype)
     scale = 1 / math.sqrt(head_dim)
     ours = kernels.decode_attention(lib, q, kv, meta.block_tables, meta.seq_lens_t, scale,
-                                    window, soft_cap)
+                                    window, soft_cap, use_amx=amx)
     # torch's path in float64 over the same cache is the reference
     ref = TorchSDPABackend()._decodes(q.double(), kv.double(), meta, scale, window, soft_cap)
     assert ours.dtype == dtype and ours.shape == q.shape
@@ -60,18 +64,53 @@ def test_decode_attention_matches_sdpa(lib, dtype, heads, kv_heads, head_dim, wi
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 2, 128)])
-def test_decode_attention_work_split_gives_the_same_bits(lib, dtype, heads, kv_heads, head_dim):
-    """Many sequences run as whole-sequence items (all KV heads in one sweep), one sequence
-    split by KV head across threads: the same arithmetic per head, so the same bits."""
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 2, 128), (4, 1, 256),
+                                                        (32, 8, 128)])
+@pytest.mark.parametrize("amx", [False, True], ids=["noamx", "amx"])
+def test_decode_attention_work_split_gives_the_same_bits(lib, dtype, heads, kv_heads, head_dim,
+                                                         amx):
+    """Many sequences run as whole-sequence items (all KV heads in one sweep; on AMX, as
+    many KV heads as fit 16 query heads), one sequence split by KV head across threads: the
+    same arithmetic per head, so the same bits."""
+    if amx and not kernels.has_amx(lib):
+        pytest.skip("no AMX here")
     contexts = [3, 16, 17, 40, 200, 61, 9, 128]
     kv, meta, q = paged_decode_case(heads, kv_heads, head_dim, contexts, dtype)
     batched = kernels.decode_attention(lib, q, kv, meta.block_tables, meta.seq_lens_t, 0.125,
-                                       None, None)
+                                       None, None, use_amx=amx)
     for i in range(len(contexts)):
         alone = kernels.decode_attention(lib, q[i:i + 1], kv, meta.block_tables[i:i + 1],
-                                         meta.seq_lens_t[i:i + 1], 0.125, None, None)
+                                         meta.seq_lens_t[i:i + 1], 0.125, None, None,
+                                         use_amx=amx)
         assert torch.equal(alone[0], batched[i]), i
+
+
+def test_decode_attention_on_amx_never_reads_past_the_keys(lib):
+    """Cache rows past a sequence's last key (the rest of its last block) and before a
+    sliding window may hold anything: NaN there must not reach the output."""
+    if not kernels.has_amx(lib):
+        pytest.skip("no AMX here")
+    contexts = [5, 16, 33, 200]
+    kv, meta, q = paged_decode_case(9, 3, 64, contexts, torch.bfloat16)
+    clean = kv.clone()
+    tables = meta.block_tables.tolist()
+    for i, n in enumerate(contexts):  # seq_lens are n + 1 (the query's own key)
+        for pos in list(range(n + 1, -(-(n + 1) // 16) * 16)) + list(range(0, max(0, n + 1 - 37))):
+            kv[:, tables[i][pos // 16], pos % 16] = float("nan")
+    for window in (None, 37):
+        a = kernels.decode_attention(lib, q, kv, meta.block_tables, meta.seq_lens_t, 0.125,
+                                     window, None, use_amx=True)
+        b = kernels.decode_attention(lib, q, clean, meta.block_tables, meta.seq_lens_t, 0.125,
+                                     window, None, use_amx=True)
+        if window is None:  # only the rows past the end were poisoned for this case
+            kv2 = clean.clone()
+            for i, n in enumerate(contexts):
+                for pos in range(n + 1, -(-(n + 1) // 16) * 16):
+                    kv2[:, tables[i][pos // 16], pos % 16] = float("nan")
+            a = kernels.decode_attention(lib, q, kv2, meta.block_tables, meta.seq_lens_t, 0.125,
+                                         None, None, use_amx=True)
+        assert not a.isnan().any()
+        assert torch.equal(a, b)
 
 
 def test_decode_attention_reads_strided_queries(lib):

@@ -52,7 +52,7 @@ class CPUBackend(TorchSDPABackend):
         self._checked(kv_cache, meta)
         return kernels.decode_attention(self.lib, q[: meta.num_decodes], kv_cache,
                                         meta.block_tables, meta.seq_lens_t, scale,
-                                        sliding_window, soft_cap)
+                                        sliding_window, soft_cap, self._amx)
 
     def _prefills(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                   out: torch.Tensor, scale: float, sliding_window: int | None,

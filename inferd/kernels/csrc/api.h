@@ -17,7 +17,8 @@ void inferd_decode_attention(int dtype, void* out, const void* q, int64_t q_toke
                              const void* kv_cache, int64_t num_blocks, const int32_t* block_tables,
                              int64_t table_stride, const int32_t* seq_lens, int64_t num_seqs,
                              int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                             int64_t block_size, float scale, int64_t window, float soft_cap);
+                             int64_t block_size, float scale, int64_t window, float soft_cap,
+                             int64_t use_amx);
 void inferd_write_kv(int dtype, void* kv_cache, int64_t num_slots, const void* k, int64_t k_stride,
                      const void* v, int64_t v_stride, const int64_t* slots, int64_t num_tokens,
                      int64_t row);

@@ -100,7 +100,7 @@ void inferd_decoder_layers(const LayerRef* layers, int64_t num_layers, const Ste
                     qkv.data() + (H + Hkv) * D, qkv_n, s->slots, T, Hkv * D);
     inferd_decode_attention(kBF16, attn.data(), qkv.data(), qkv_n, L.kv_cache, L.num_blocks,
                             s->block_tables, s->table_stride, s->seq_lens, T, H, Hkv, D,
-                            s->block_size, s->scale, L.window, 0.f);
+                            s->block_size, s->scale, L.window, 0.f, s->use_amx);
     linear(L.o, o.data(), attn.data(), T, *s);
     inferd_rms_norm(kBF16, h.data(), hidden, o.data(), hidden, residual, hidden, L.post_norm, T,
                     hidden, s->eps, 0);

@@ -169,7 +169,7 @@ using namespace inferd;
 
 extern "C" {
 
-int inferd_abi_version() { return 2; }
+int inferd_abi_version() { return 3; }
 
 // Row-wise argmax of float32 [rows, cols] (contiguous) into int64 [rows], torch's semantics:
 // the first maximum wins, and a NaN counts as the maximum (the first NaN).
