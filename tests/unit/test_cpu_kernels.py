@@ -92,23 +92,18 @@ def test_decode_attention_on_amx_never_reads_past_the_keys(lib):
         pytest.skip("no AMX here")
     contexts = [5, 16, 33, 200]
     kv, meta, q = paged_decode_case(9, 3, 64, contexts, torch.bfloat16)
-    clean = kv.clone()
     tables = meta.block_tables.tolist()
-    for i, n in enumerate(contexts):  # seq_lens are n + 1 (the query's own key)
-        for pos in list(range(n + 1, -(-(n + 1) // 16) * 16)) + list(range(0, max(0, n + 1 - 37))):
-            kv[:, tables[i][pos // 16], pos % 16] = float("nan")
     for window in (None, 37):
-        a = kernels.decode_attention(lib, q, kv, meta.block_tables, meta.seq_lens_t, 0.125,
+        poisoned = kv.clone()
+        for i, n in enumerate(contexts):  # keys 0 .. n (the query's own key is n)
+            first = 0 if window is None else max(0, n + 1 - window)
+            outside = [*range(first), *range(n + 1, -(-(n + 1) // 16) * 16)]
+            for pos in outside:
+                poisoned[:, tables[i][pos // 16], pos % 16] = float("nan")
+        a = kernels.decode_attention(lib, q, poisoned, meta.block_tables, meta.seq_lens_t,
+                                     0.125, window, None, use_amx=True)
+        b = kernels.decode_attention(lib, q, kv, meta.block_tables, meta.seq_lens_t, 0.125,
                                      window, None, use_amx=True)
-        b = kernels.decode_attention(lib, q, clean, meta.block_tables, meta.seq_lens_t, 0.125,
-                                     window, None, use_amx=True)
-        if window is None:  # only the rows past the end were poisoned for this case
-            kv2 = clean.clone()
-            for i, n in enumerate(contexts):
-                for pos in range(n + 1, -(-(n + 1) // 16) * 16):
-                    kv2[:, tables[i][pos // 16], pos % 16] = float("nan")
-            a = kernels.decode_attention(lib, q, kv2, meta.block_tables, meta.seq_lens_t, 0.125,
-                                         None, None, use_amx=True)
         assert not a.isnan().any()
         assert torch.equal(a, b)
 

@@ -59,6 +59,24 @@ inline void for_each_run(const T* cache, const int32_t* table, int64_t start, in
 }
 
 #if defined(__AVX512F__)
+// soft_cap * tanh(x) per lane, x being the scores already divided by soft_cap
+inline __m512 soft_cap16(__m512 x, float soft_cap) {
+  alignas(64) float tmp[16];
+  _mm512_store_ps(tmp, x);
+  for (int i = 0; i < 16; ++i) tmp[i] = std::tanh(tmp[i]) * soft_cap;
+  return _mm512_load_ps(tmp);
+}
+
+// s[0, L) -> exp(s - max s) in place; returns 1 / their sum
+inline float softmax_numerators(float* s, int64_t L) {
+  __m512 mv = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 16 <= L; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + i));
+  float mx = _mm512_reduce_max_ps(mv);
+  for (; i < L; ++i) mx = std::max(mx, s[i]);
+  return 1.f / exp_shift_sum(s, L, mx);
+}
+
 // q . k for one query head against up to 16 keys `row` apart, head_dim 16 * NC: lane j of the
 // result is the dot with key j (lanes >= n are 0).
 template <typename T, int NC>
@@ -107,12 +125,7 @@ void decode_group_avx512(T* out, const T* q, const T* k_cache, const T* v_cache,
                      const int64_t m = std::min<int64_t>(16, n - j);
                      const __mmask16 mask = static_cast<__mmask16>((1u << m) - 1);
                      __m512 x = _mm512_mul_ps(dot(k + j * row, row, m), _mm512_set1_ps(pre));
-                     if (soft_cap > 0) {
-                       alignas(64) float tmp[16];
-                       _mm512_store_ps(tmp, x);
-                       for (int i = 0; i < m; ++i) tmp[i] = std::tanh(tmp[i]) * soft_cap;
-                       x = _mm512_load_ps(tmp);
-                     }
+                     if (soft_cap > 0) x = soft_cap16(x, soft_cap);
                      _mm512_mask_storeu_ps(s + t + j, mask, x);
                      mv = _mm512_mask_max_ps(mv, mask, mv, x);
                    }
@@ -191,12 +204,7 @@ void decode_group_bf16(bf16* out, const bf16* q, const bf16* k_cache, const bf16
                                _mm512_loadu_si512(kj + r * row + 32 * c)));
                      }
                      __m512 x = _mm512_mul_ps(hsum16(acc), prev);
-                     if (soft_cap > 0) {
-                       alignas(64) float tmp[16];
-                       _mm512_store_ps(tmp, x);
-                       for (int i = 0; i < m; ++i) tmp[i] = std::tanh(tmp[i]) * soft_cap;
-                       x = _mm512_load_ps(tmp);
-                     }
+                     if (soft_cap > 0) x = soft_cap16(x, soft_cap);
                      _mm512_mask_storeu_ps(s_all + g * Lp + t + j,
                                            static_cast<__mmask16>((1u << m) - 1), x);
                    }
@@ -205,15 +213,11 @@ void decode_group_bf16(bf16* out, const bf16* q, const bf16* k_cache, const bf16
   // softmax numerators, rounded to bf16 for the P.V products (zero-padded to even length)
   for (int64_t g = 0; g < groups; ++g) {
     float* s = s_all + g * Lp;
-    __m512 mv = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    int64_t i = 0;
-    for (; i + 16 <= L; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + i));
-    float mx = _mm512_reduce_max_ps(mv);
-    for (; i < L; ++i) mx = std::max(mx, s[i]);
-    inv[g] = 1.f / exp_shift_sum(s, L, mx);
+    inv[g] = softmax_numerators(s, L);
     s[L] = 0.f;  // the partner of an odd last token: p = 0
     uint16_t* pb = p_all + g * Lp;
-    for (i = 0; i + 16 <= L + 1; i += 16)
+    int64_t i = 0;
+    for (; i + 16 <= L + 1; i += 16)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + i), bf16_bits(_mm512_loadu_ps(s + i)));
     for (; i < L + 1; ++i) pb[i] = from_float<bf16>(i < L ? s[i] : 0.f).bits;
   }
@@ -382,25 +386,14 @@ void decode_group_amx(bf16* out, const bf16* q, const bf16* k_cache, const bf16*
     const __mmask16 valid = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
     for (int64_t n = 0; n < nq; ++n) {
       __m512 x = _mm512_mul_ps(_mm512_castsi512_ps(rows[n]), prev);
-      if (soft_cap > 0) {
-        alignas(64) float tmp[16];
-        _mm512_store_ps(tmp, x);
-        for (int i = 0; i < 16; ++i) tmp[i] = std::tanh(tmp[i]) * soft_cap;
-        x = _mm512_load_ps(tmp);
-      }
+      if (soft_cap > 0) x = soft_cap16(x, soft_cap);
       _mm512_mask_storeu_ps(s_all + n * Lw + (t0 - base), valid, x);
     }
   }
   // softmax numerators, rounded to bf16, as (p, 0) and (0, p) pairs; 0 outside the keys
   float inv[16];
   for (int64_t n = 0; n < nq; ++n) {
-    float* s = s_all + n * Lw + i0;
-    __m512 mv = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    int64_t i = 0;
-    for (; i + 16 <= L; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + i));
-    float mx = _mm512_reduce_max_ps(mv);
-    for (; i < L; ++i) mx = std::max(mx, s[i]);
-    inv[n] = 1.f / exp_shift_sum(s, L, mx);
+    inv[n] = softmax_numerators(s_all + n * Lw + i0, L);
     const float* sr = s_all + n * Lw;
     for (int64_t j = 0; j < Lw; j += 16) {
       const int64_t lo = std::clamp<int64_t>(i0 - j, 0, 16), hi = std::clamp<int64_t>(i0 + L - j, 0, 16);
