@@ -73,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--usage-stats", action=argparse.BooleanOptionalAction, default=True,
         help="Send stream_options {include_usage, continuous_usage_stats}.")
     add("--api-key", help="Sent as 'Authorization: Bearer KEY'.")
-    add("--seed", type=int, default=0, help="Seed for the random prompts.")
+    add("--seed", type=int, default=None,
+        help="Seed for the random prompts (reported). Default: a fresh one per run, since a "
+             "rerun of the same prompts against the same server is served partly from its "
+             "prefix cache; pass the reported seed to repeat a run exactly.")
     add("--warmup", type=int, default=1, help="Unmeasured requests sent first.")
     add("--request-timeout", type=float, default=600.0, help="Seconds, per request, end to end.")
     add("--max-duration", type=float, default=3600.0,
@@ -150,6 +153,8 @@ async def resolve_model(client: httpx.AsyncClient, model: str | None) -> tuple[s
 async def build_prompts(client: httpx.AsyncClient, ns: argparse.Namespace, model: str, num: int
                         ) -> tuple[list[str | list[int]], str]:
     """`num` prompts of --input-len tokens, and a line saying how their length was made."""
+    if ns.seed is None:
+        ns.seed = random.SystemRandom().randrange(1 << 31)
     rng = random.Random(ns.seed)
     if ns.token_prompts:
         ids = prompt_gen.token_id_prompts(num, ns.input_len, rng, tuple(ns.token_id_range))

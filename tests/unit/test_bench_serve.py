@@ -212,6 +212,19 @@ def test_prompts_have_the_exact_length() -> None:
     assert n == 6 == asyncio.run(count(text))
 
 
+def test_reruns_get_fresh_prompts_unless_seeded() -> None:
+    """A rerun against the same server must not be served from its prefix cache: without
+    --seed each run draws new prompts (and reports its seed); with one it repeats exactly."""
+    def prompts(*argv: str) -> tuple[list, int]:
+        parser = bench.build_parser()
+        ns = bench.resolve_args(parser.parse_args(["--workload", "ii", *argv]), parser)
+        out, _ = asyncio.run(bench.build_prompts(None, ns, "m", 4))
+        return out, ns.seed
+
+    (a, seed_a), (b, seed_b) = prompts(), prompts()
+    assert a != b and seed_a != seed_b
+    assert prompts("--seed", str(seed_a)) == (a, seed_a)
+
 def test_workload_presets_and_overrides() -> None:
     parser = bench.build_parser()
     ns = bench.resolve_args(parser.parse_args(["--workload", "iii", "--concurrency", "8"]), parser)

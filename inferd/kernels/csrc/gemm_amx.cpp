@@ -16,6 +16,8 @@
 #include "api.h"
 #include "common.h"
 
+#include <memory>
+
 #if defined(INFERD_HAS_AMX)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -118,13 +120,15 @@ void inferd_gemm_q4_amx(void* y, int64_t ldy, const void* x, int64_t ldx, const 
 #pragma omp parallel
   {
     configure_tiles();
-    std::vector<bf16> panel(direct ? 0 : 32 * K);
+    // uninitialised: build_panel writes every row before a tile reads it (a value-initialised
+    // vector was a scalar fill of 32 K elements per thread and call)
+    std::unique_ptr<bf16[]> panel(direct ? nullptr : new bf16[32 * K]);
     alignas(64) bf16 blockbuf[2][32 * 32];
     alignas(64) float c[4][16][16];
 #pragma omp for schedule(dynamic, 1)  // a descheduled thread must not hold up the other
     for (int64_t p = 0; p < npanels; ++p) {
       const int64_t n = p * 32, rows_here = std::min<int64_t>(32, N - n);
-      if (!direct) build_panel(panel.data(), qs, d, m, n, N, nb);
+      if (!direct) build_panel(panel.get(), qs, d, m, n, N, nb);
       __m512 bias_v[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
       if (bb)
         for (int h = 0; h < 2; ++h) {
@@ -140,7 +144,7 @@ void inferd_gemm_q4_amx(void* y, int64_t ldy, const void* x, int64_t ldx, const 
         _tile_zero(2);
         _tile_zero(3);
         for (int64_t b = 0; b < nb; ++b) {
-          const bf16* a = panel.data() + b * 32;
+          const bf16* a = panel.get() + b * 32;
           int64_t lda = K;
           if (direct) {  // this block of the 32 rows, dequantized into a 2 KB buffer in L1
             bf16* buf = blockbuf[b & 1];
