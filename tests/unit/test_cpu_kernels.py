@@ -330,7 +330,7 @@ def test_gemv_q4_matches_the_dequantized_weights(bf16_lib, qtype_name, m, bias):
 
 
 @pytest.mark.parametrize("qtype_name", ["Q4_0", "Q4_1"])
-@pytest.mark.parametrize("m", [1, 4, 13, 16, 17, 40])
+@pytest.mark.parametrize("m", [1, 4, 13, 16, 17, 40, 64, 70])
 @pytest.mark.parametrize("n", [200, 96])
 @pytest.mark.parametrize("k", [576, 1536])
 @pytest.mark.parametrize("bias", [False, True])

@@ -4,19 +4,24 @@
 // kernels are bound by reading bf16 weights (~11-18 GB/s here). Dequantizing the 4-bit blocks
 // into bf16 tiles on the fly reads 2.8x fewer bytes, and AMX makes the arithmetic nearly free.
 //
-// Shape of the computation, per thread (a range of 32-row weight panels):
+// Shape of the computation, per thread (a range of weight panels):
 //   C^T [16 n x 16 m] += A [16 n x 32 k] . B [32 k x 16 m]   (tdpbf16ps, fp32 accumulation)
-// A is a tile of a row-major panel of 32 weight rows, dequantized once per call: each 32-value
-// block goes through a 16-entry table (bf16(d q + m) for q = 0..15, computed as the float
-// dequantizer computes it, so these are the very weights the bf16 path loads). B is x in
-// AMX's pair layout (row r of block b holds (x[m][32b + 2r], x[m][32b + 2r + 1]) for 16 m),
-// transposed once per call and shared by all threads. C^T tiles transpose back on the way
-// out. Four accumulators: 2 weight tiles x 2 x tiles. Weights are the big operand, so they
-// are the one never transposed.
+// A is a tile of weight rows, each 32-value block dequantized into an L1 buffer right before
+// its tile load: the block goes through a 16-entry table (bf16(d q + m) for q = 0..15, computed
+// as the float dequantizer computes it, so these are the very weights the bf16 path loads).
+// B is x in AMX's pair layout (row r of block b holds (x[m][32b + 2r], x[m][32b + 2r + 1]) for
+// 16 m), transposed once per call and shared by all threads. C^T tiles transpose back on the
+// way out. Weights are the big operand, so they are the one never transposed, and each is
+// dequantized once per call for up to 64 rows of x:
+//   - up to 32 rows: 2 weight tiles (32 rows) x 1-2 x tiles;
+//   - 33-64 rows: 1 weight tile x 3-4 x tiles, for each 16-row half of a 32-row panel, its
+//     blocks dequantized into L1 as for fewer rows (64 rows over 30 SmolLM2 layers: 16.1 ->
+//     13.8 ms against dequantizing the whole panel first and reading it back twice);
+//   - more: the same in passes of 64 rows, each dequantizing again (no caller needs it).
+// A thread takes whole 32-row panels: with 16-row ones the two threads wrote the halves of
+// the same 64-byte output lines (~20% slower at 48-64 rows).
 #include "api.h"
 #include "common.h"
-
-#include <memory>
 
 #if defined(INFERD_HAS_AMX)
 #include <sys/syscall.h>
@@ -43,29 +48,39 @@ inline void dequant_block(bf16* dst, const uint8_t* qs, const float* d, const fl
   _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(idx, table));
 }
 
-// Rows [n, n + 32) of the weights, all K, as bf16, row-major: panel[r][k] (rows past N are
-// zero). Blocks are read and rows written in order, one stream each.
-void build_panel(bf16* panel, const uint8_t* qs, const float* d, const float* m, int64_t n,
-                 int64_t N, int64_t nb) {
-  if (n + 32 < N) {  // the next panel's blocks and scales, while this one is built
-    const int64_t rows = std::min<int64_t>(32, N - n - 32);
-    const char* q = reinterpret_cast<const char*>(qs + (n + 32) * nb * 16);
-    for (int64_t off = 0; off < rows * nb * 16; off += 64) __builtin_prefetch(q + off);
-    const char* dp = reinterpret_cast<const char*>(d + (n + 32) * nb);
-    const char* mp = reinterpret_cast<const char*>(m + (n + 32) * nb);
-    for (int64_t off = 0; off < rows * nb * 4; off += 64) {
-      __builtin_prefetch(dp + off);
-      __builtin_prefetch(mp + off);
-    }
-  }
-  for (int64_t r = 0; r < 32; ++r) {
-    const int64_t row = n + r;
-    bf16* dst = panel + r * nb * 32;
-    if (row >= N) {
-      std::memset(dst, 0, nb * 32 * sizeof(bf16));
+// Rows [n, n + R) of block b as a [R][32] bf16 tile operand (rows at or past N zero).
+template <int R>
+inline void dequant_rows(bf16* buf, const uint8_t* qs, const float* d, const float* m, int64_t n,
+                         int64_t N, int64_t nb, int64_t b) {
+  for (int64_t r = 0; r < R; ++r) {
+    if (n + r >= N) {
+      _mm512_store_si512(buf + r * 32, _mm512_setzero_si512());
       continue;
     }
-    for (int64_t b = 0; b < nb; ++b) dequant_block(dst + b * 32, qs, d, m, row * nb + b);
+    const int64_t blk = (n + r) * nb + b;
+    if ((b & 3) == 0) __builtin_prefetch(qs + (blk + 8) * 16);
+    dequant_block(buf + r * 32, qs, d, m, blk);
+  }
+}
+
+// c[t][r][j] (weight row n + r, x row 16 (t0 + t) + j) + bias -> y, transposed; cols n..n+15.
+inline void store_tiles(bf16* y, int64_t ldy, const bf16* bias, float (*c)[16][16], int nt,
+                        int64_t t0, int64_t n, int64_t M, int64_t N) {
+  const int64_t cols = std::min<int64_t>(16, N - n);
+  const __mmask16 k = cols >= 16 ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
+  alignas(64) bf16 tmp[16] = {};
+  if (bias) std::memcpy(tmp, bias + n, cols * sizeof(bf16));
+  const __m512 bv = bias ? load16(tmp) : _mm512_setzero_ps();
+  for (int t = 0; t < nt; ++t) {
+    __m512i rows[16];
+    for (int r = 0; r < 16; ++r) rows[r] = _mm512_load_si512(c[t][r]);
+    transpose16(rows);  // rows[j] = x row j's 16 outputs
+    for (int j = 0; j < 16; ++j) {
+      const int64_t row = (t0 + t) * 16 + j;
+      if (row >= M) break;
+      const __m512 v = _mm512_add_ps(_mm512_castsi512_ps(rows[j]), bv);
+      _mm256_mask_storeu_epi16(y + row * ldy + n, k, bf16_bits(v));
+    }
   }
 }
 #endif
@@ -98,11 +113,10 @@ void inferd_gemm_q4_amx(void* y, int64_t ldy, const void* x, int64_t ldx, const 
                         const float* d, const float* m, const void* bias, int64_t M, int64_t N,
                         int64_t K) {
 #if defined(INFERD_HAS_AMX)
-  const int64_t nb = K / 32, mt = (M + 15) / 16, npanels = (N + 31) / 32;
-  // Up to 32 rows of x, one pass over K: each 32 x 32 weight block is dequantized right before
-  // its tile loads (from L1), 1.2-1.5x faster here than building the whole 32-row panel first
-  // (which spills L1 for the larger K). More rows reuse a panel across passes.
-  const bool direct = mt <= 2;
+  if (M <= 0 || N <= 0) return;
+  const int64_t nb = K / 32, mt = (M + 15) / 16;
+  const bool wide = mt > 2;  // 1 weight tile x up to 4 x tiles (see the top)
+  const int64_t npanels = (N + 31) / 32;
   const bf16* xb = static_cast<const bf16*>(x);
   const bf16* bb = static_cast<const bf16*>(bias);
   bf16* yb = static_cast<bf16*>(y);
@@ -117,82 +131,79 @@ void inferd_gemm_q4_amx(void* y, int64_t ldy, const void* x, int64_t ldx, const 
       transpose16(rows);
       for (int r = 0; r < 16; ++r) xt[(t * nb + b) * 16 + r] = rows[r];
     }
+  const __m512i* xt0 = xt.data();
 #pragma omp parallel
   {
     configure_tiles();
-    // uninitialised: build_panel writes every row before a tile reads it (a value-initialised
-    // vector was a scalar fill of 32 K elements per thread and call)
-    std::unique_ptr<bf16[]> panel(direct ? nullptr : new bf16[32 * K]);
     alignas(64) bf16 blockbuf[2][32 * 32];
     alignas(64) float c[4][16][16];
 #pragma omp for schedule(dynamic, 1)  // a descheduled thread must not hold up the other
     for (int64_t p = 0; p < npanels; ++p) {
-      const int64_t n = p * 32, rows_here = std::min<int64_t>(32, N - n);
-      if (!direct) build_panel(panel.get(), qs, d, m, n, N, nb);
-      __m512 bias_v[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-      if (bb)
-        for (int h = 0; h < 2; ++h) {
-          alignas(64) bf16 tmp[16] = {};
-          const int64_t col = n + 16 * h, cnt = std::max<int64_t>(0, std::min<int64_t>(16, N - col));
-          std::memcpy(tmp, bb + std::min(col, N), cnt * sizeof(bf16));
-          bias_v[h] = load16(tmp);
-        }
-      for (int64_t t0 = 0; t0 < mt; t0 += 2) {
-        const bool two = t0 + 1 < mt;
+      const int64_t n0 = p * 32;
+      if (!wide) {  // 2 weight tiles (rows n..n+31) x 1-2 x tiles
+        const int64_t n = n0;
+        const bool two = mt == 2;
         _tile_zero(0);
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
         for (int64_t b = 0; b < nb; ++b) {
-          const bf16* a = panel.get() + b * 32;
-          int64_t lda = K;
-          if (direct) {  // this block of the 32 rows, dequantized into a 2 KB buffer in L1
-            bf16* buf = blockbuf[b & 1];
-            for (int64_t r = 0; r < 32; ++r) {
-              if (r >= rows_here) {
-                _mm512_store_si512(buf + r * 32, _mm512_setzero_si512());
-                continue;
-              }
-              const int64_t blk = (n + r) * nb + b;
-              if ((b & 3) == 0) __builtin_prefetch(qs + (blk + 8) * 16);
-              dequant_block(buf + r * 32, qs, d, m, blk);
-            }
-            a = buf;
-            lda = 32;
-          }
-          _tile_loadd(4, a, lda * 2);
-          _tile_loadd(6, xt.data() + (t0 * nb + b) * 16, 64);
+          bf16* a = blockbuf[b & 1];
+          dequant_rows<32>(a, qs, d, m, n, N, nb, b);
+          _tile_loadd(4, a, 64);
+          _tile_loadd(6, xt0 + b * 16, 64);
           _tile_dpbf16ps(0, 4, 6);
-          _tile_loadd(5, a + 16 * lda, lda * 2);
+          _tile_loadd(5, a + 16 * 32, 64);
           _tile_dpbf16ps(1, 5, 6);
           if (two) {
-            _tile_loadd(7, xt.data() + ((t0 + 1) * nb + b) * 16, 64);
+            _tile_loadd(7, xt0 + (nb + b) * 16, 64);
             _tile_dpbf16ps(2, 4, 7);
             _tile_dpbf16ps(3, 5, 7);
           }
         }
+        // c[2 h + t]: weight rows n + 16 h .. + 15 against x tile t
         _tile_stored(0, c[0], 64);
-        _tile_stored(1, c[1], 64);
+        _tile_stored(1, c[2], 64);
         if (two) {
-          _tile_stored(2, c[2], 64);
+          _tile_stored(2, c[1], 64);
           _tile_stored(3, c[3], 64);
         }
-        // c[2 dt + h][r][j]: weight row n + 16 h + r, x row 16 (t0 + dt) + j -> transposed
-        for (int dt = 0; dt < (two ? 2 : 1); ++dt)
-          for (int h = 0; h < 2; ++h) {
-            const int64_t col = n + 16 * h;
-            if (col >= N) break;
-            const __mmask16 k = N - col >= 16 ? 0xffff : static_cast<__mmask16>((1u << (N - col)) - 1);
-            __m512i rows[16];
-            for (int r = 0; r < 16; ++r) rows[r] = _mm512_load_si512(c[2 * dt + h][r]);
-            transpose16(rows);  // rows[j] = x row j's 16 outputs
-            for (int j = 0; j < 16; ++j) {
-              const int64_t row = (t0 + dt) * 16 + j;
-              if (row >= M) break;
-              const __m512 v = _mm512_add_ps(_mm512_castsi512_ps(rows[j]), bias_v[h]);
-              _mm256_mask_storeu_epi16(yb + row * ldy + col, k, bf16_bits(v));
-            }
+        for (int h = 0; h < 2 && n + 16 * h < N; ++h)
+          store_tiles(yb, ldy, bb, c + 2 * h, two ? 2 : 1, 0, n + 16 * h, M, N);
+        continue;
+      }
+      for (int64_t n = n0; n < std::min(n0 + 32, N); n += 16)  // the panel's two halves
+      for (int64_t t0 = 0; t0 < mt; t0 += 4) {  // 1 weight tile (rows n..n+15) x 1-4 x tiles
+        const int nt = static_cast<int>(std::min<int64_t>(4, mt - t0));
+        const __m512i* xg = xt0 + t0 * nb * 16;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t b = 0; b < nb; ++b) {
+          bf16* a = blockbuf[b & 1];
+          dequant_rows<16>(a, qs, d, m, n, N, nb, b);
+          _tile_loadd(4, a, 64);
+          _tile_loadd(5, xg + b * 16, 64);
+          _tile_dpbf16ps(0, 4, 5);
+          if (nt > 1) {
+            _tile_loadd(6, xg + (nb + b) * 16, 64);
+            _tile_dpbf16ps(1, 4, 6);
           }
+          if (nt > 2) {
+            _tile_loadd(7, xg + (2 * nb + b) * 16, 64);
+            _tile_dpbf16ps(2, 4, 7);
+          }
+          if (nt > 3) {
+            _tile_loadd(5, xg + (3 * nb + b) * 16, 64);
+            _tile_dpbf16ps(3, 4, 5);
+          }
+        }
+        _tile_stored(0, c[0], 64);
+        if (nt > 1) _tile_stored(1, c[1], 64);
+        if (nt > 2) _tile_stored(2, c[2], 64);
+        if (nt > 3) _tile_stored(3, c[3], 64);
+        store_tiles(yb, ldy, bb, c, nt, t0, n, M, N);
       }
     }
     _tile_release();

@@ -40,7 +40,7 @@ Q4_GEMM_MAX_ROWS = 32
 """From the skinny limit + 1 rows up to this many, layers with GGUF blocks run them on
 `kernels.gemm_q4`. With AMX, tiles dequantized on the fly (csrc/gemm_amx.cpp): 1.1-1.5x
 oneDNN's bf16 matmul at 4-32 rows on the same layer shapes (the dequantization, not the
-arithmetic, is its bound), 0.9x at 64. Without, AVX512-BF16 on regrouped blocks
+arithmetic, is its bound), 1.0-1.1x at 40-64 (session 12). Without, AVX512-BF16 on regrouped blocks
 (csrc/gemm_avx512.cpp), Zen 4: 1.4x at 8 rows, 1.2x at 16, 1.0x at 32, 0.9x at 64 (there
 both run at the dot-product units' peak). Larger steps (prefill chunks, big batches) stay on
 oneDNN."""
