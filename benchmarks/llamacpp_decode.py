@@ -2,8 +2,19 @@
 benchmarks/throughput.py. Runs under whichever Python has `llama_cpp` installed, so it can live
 in its own venv (building it takes minutes; see ../shared/BENCHMARKS.md):
 
-    CMAKE_ARGS="-DGGML_NATIVE=ON" python -m venv /tmp/llamacpp && \\
+    python -m venv /tmp/llamacpp && CMAKE_ARGS="-DGGML_NATIVE=ON" \\
         /tmp/llamacpp/bin/pip install llama-cpp-python
+
+On the Sapphire Rapids VM the native build (which turns on ggml's AMX kernels) segfaults in
+llama_decode; a build with AVX-512 and without AMX runs (~90 tokens/s there, as
+../shared/BENCHMARKS.md measured):
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON
+        -DGGML_AVX512_BF16=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \\
+        /tmp/llamacpp/bin/pip install llama-cpp-python
+
+Then:
+
     /tmp/llamacpp/bin/python benchmarks/llamacpp_decode.py MODEL.gguf --prompt-ids 1,2,3 --tokens 64
 
 Prints one JSON line: {"batch1": tokens/s of the decode loop, "prefill": prompt tokens/s}.
