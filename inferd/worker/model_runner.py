@@ -34,9 +34,12 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     Zeros, not `empty`: masked attention still multiplies unused slots by 0, and 0 * NaN
     from stale memory would poison the result. The first write to each page is a page fault,
     which is why the block pool recycles written blocks when it can (`kv_cache/block_pool.py`).
-    Transparent huge pages measured slower here: on the 2-core VM, memory the host has not
-    backed yet costs more to fault in 2 MiB at a time (1.36 s/GiB against 0.68 with 4 KiB
-    pages), and (iii)-like offline runs went 537-541 -> 513-522 tok/s with them.
+    numpy advises transparent huge pages for arrays this large (MADV_HUGEPAGE), so where THP
+    is in madvise mode the pool is faulted in 2 MiB at a time (the engine's AnonHugePages
+    shows it). Measured on the 2-core VM: a fresh 2 MiB page faults in at 1.36 s/GiB against
+    0.68 for 4 KiB, yet (iii)-like offline runs gave the same throughput with the advice
+    turned off (621 / 608 against 606 / 627 tok/s), and decode attention over an engine-sized
+    pool took 31-33 ms per 64-sequence step either way: the page size is left to numpy.
     """
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
