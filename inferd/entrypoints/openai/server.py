@@ -193,6 +193,17 @@ async def serve_http(state: ServerState) -> int:
     return exit_code
 
 
+def _loop_factory():
+    """uvloop's event loop where it is installed (a dependency on Linux and macOS), as uvicorn
+    and vLLM pick it: the API process's share of the 2 cores is mostly event-loop and HTTP
+    work, and every slice of it is a slice the engine's threads wait for."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def run_server(args: argparse.Namespace, non_default_args: dict[str, Any] | None = None) -> int:
     """Serve until stopped; the return value is the process exit code. ConfigError propagates
     (the CLI prints it as a usage error)."""
@@ -205,7 +216,8 @@ def run_server(args: argparse.Namespace, non_default_args: dict[str, Any] | None
     try:
         state = start_engine(engine_config, server_config)
         logger.info("Supported tasks: %s", list(state.supported_tasks))
-        return asyncio.run(serve_http(state))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(serve_http(state))
     except EngineDeadError as e:  # the engine process failed to start (its log says why)
         logger.error("%s", e)
         return 1
