@@ -170,6 +170,18 @@ def test_edge_input_is_served(http, path, body):
     assert resp.status_code == 200, resp.text
 
 
+def test_oversized_headers_are_refused_unread(server, http):
+    """Headers past h11's 16 KiB cap get a 400 and the connection closed before the rest is
+    read: a parser that buffers headers of any size (uvicorn's httptools protocol did, 20 MB
+    and more) lets a few clients hold gigabytes of memory."""
+    import socket
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 64 * 1024)
+        first = s.recv(64)
+    assert first.startswith(b"HTTP/1.1 400"), first
+    assert http.get("/health").status_code == 200  # a normal request right after is fine
+
+
 def test_still_serving_after_bad_input(http):
     assert http.get("/health").status_code == 200
     resp = http.post(CMPL, json={"prompt": "Hello", "max_tokens": 3})
