@@ -106,6 +106,8 @@ def resolve_args(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(ns, name)}")
     if ns.ignore_eos is None:
         ns.ignore_eos = ns.workload is not None
+    if ns.seed is None:  # a fresh one per run (see --seed); reported with the run
+        ns.seed = random.SystemRandom().randrange(1 << 31)
     if ns.token_prompts is None:
         ns.token_prompts = ns.endpoint == "completions"
     if ns.token_prompts and ns.endpoint == "chat":
@@ -153,8 +155,6 @@ async def resolve_model(client: httpx.AsyncClient, model: str | None) -> tuple[s
 async def build_prompts(client: httpx.AsyncClient, ns: argparse.Namespace, model: str, num: int
                         ) -> tuple[list[str | list[int]], str]:
     """`num` prompts of --input-len tokens, and a line saying how their length was made."""
-    if ns.seed is None:
-        ns.seed = random.SystemRandom().randrange(1 << 31)
     rng = random.Random(ns.seed)
     if ns.token_prompts:
         ids = prompt_gen.token_id_prompts(num, ns.input_len, rng, tuple(ns.token_id_range))

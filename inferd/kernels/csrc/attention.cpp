@@ -344,10 +344,7 @@ void decode_group_amx(bf16* out, const bf16* q, const bf16* k_cache, const bf16*
   for (int64_t t0 = base; t0 < end; t0 += 16) {
     const int64_t blk = t0 / block_size, off = t0 % block_size;
     const int64_t at = (static_cast<int64_t>(table[blk]) * block_size + off) * row + head_offset;
-    _tile_zero(0);
-    if (NT > 1) _tile_zero(1);
-    if (NT > 2) _tile_zero(2);
-    if (NT > 3) _tile_zero(3);
+    zero_accumulators(NT);
     const bf16* kb = k_cache + at;
     const bool ahead = off + 16 == block_size && t0 + 16 < end;
     const int64_t nxt = ahead ? static_cast<int64_t>(table[blk + 1]) * block_size * row + head_offset : 0;
@@ -371,10 +368,7 @@ void decode_group_amx(bf16* out, const bf16* q, const bf16* k_cache, const bf16*
         }
       }
     }
-    _tile_stored(0, cbuf[0], 64);
-    if (NT > 1) _tile_stored(1, cbuf[1], 64);
-    if (NT > 2) _tile_stored(2, cbuf[2], 64);
-    if (NT > 3) _tile_stored(3, cbuf[3], 64);
+    store_accumulators(cbuf, NT);
     __m512i rows[16];
     for (int j = 0; j < 16; ++j) {
       __m512 x = _mm512_load_ps(cbuf[0][j]);
@@ -412,12 +406,7 @@ void decode_group_amx(bf16* out, const bf16* q, const bf16* k_cache, const bf16*
     const uint32_t* po_h = po + h * G * Lw;
     for (int c0 = 0; c0 < NCC; c0 += 2) {
       const bool two = c0 + 1 < NCC;
-      _tile_zero(0);
-      _tile_zero(1);
-      if (two) {
-        _tile_zero(2);
-        _tile_zero(3);
-      }
+      zero_accumulators(two ? 4 : 2);
       for (int64_t t0 = base; t0 < end; t0 += 16) {
         const int64_t blk = t0 / block_size, off = t0 % block_size;
         const bf16* vb = vh + (static_cast<int64_t>(table[blk]) * block_size + off) * row + 32 * c0;
@@ -443,12 +432,7 @@ void decode_group_amx(bf16* out, const bf16* q, const bf16* k_cache, const bf16*
           _tile_dpbf16ps(3, 5, 7);
         }
       }
-      _tile_stored(0, cbuf[0], 64);
-      _tile_stored(1, cbuf[1], 64);
-      if (two) {
-        _tile_stored(2, cbuf[2], 64);
-        _tile_stored(3, cbuf[3], 64);
-      }
+      store_accumulators(cbuf, two ? 4 : 2);
       for (int64_t g = 0; g < G; ++g) {
         const __m512 iv = _mm512_set1_ps(inv[h * G + g]);
         for (int e = 0; e < (two ? 2 : 1); ++e) {

@@ -35,6 +35,21 @@ inline void configure_tiles() {
   }
   _tile_loadconfig(&cfg);
 }
+
+// Accumulator tiles 0 .. n - 1 (n <= 4; the kernels keep tiles 4-7 for operands): zeroed, or
+// stored as c[0 .. n - 1] (16 x 16 fp32 each). Tile numbers are immediates, hence the ladder.
+inline void zero_accumulators(int n) {
+  _tile_zero(0);
+  if (n > 1) _tile_zero(1);
+  if (n > 2) _tile_zero(2);
+  if (n > 3) _tile_zero(3);
+}
+inline void store_accumulators(float (*c)[16][16], int n) {
+  _tile_stored(0, c[0], 64);
+  if (n > 1) _tile_stored(1, c[1], 64);
+  if (n > 2) _tile_stored(2, c[2], 64);
+  if (n > 3) _tile_stored(3, c[3], 64);
+}
 #endif
 
 enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };

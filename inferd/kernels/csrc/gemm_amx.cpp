@@ -143,10 +143,7 @@ void inferd_gemm_q4_amx(void* y, int64_t ldy, const void* x, int64_t ldx, const 
       if (!wide) {  // 2 weight tiles (rows n..n+31) x 1-2 x tiles
         const int64_t n = n0;
         const bool two = mt == 2;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        zero_accumulators(4);
         for (int64_t b = 0; b < nb; ++b) {
           bf16* a = blockbuf[b & 1];
           dequant_rows<32>(a, qs, d, m, n, N, nb, b);
@@ -154,20 +151,16 @@ void inferd_gemm_q4_amx(void* y, int64_t ldy, const void* x, int64_t ldx, const 
           _tile_loadd(6, xt0 + b * 16, 64);
           _tile_dpbf16ps(0, 4, 6);
           _tile_loadd(5, a + 16 * 32, 64);
-          _tile_dpbf16ps(1, 5, 6);
+          _tile_dpbf16ps(2, 5, 6);
           if (two) {
             _tile_loadd(7, xt0 + (nb + b) * 16, 64);
-            _tile_dpbf16ps(2, 4, 7);
+            _tile_dpbf16ps(1, 4, 7);
             _tile_dpbf16ps(3, 5, 7);
           }
         }
-        // c[2 h + t]: weight rows n + 16 h .. + 15 against x tile t
-        _tile_stored(0, c[0], 64);
-        _tile_stored(1, c[2], 64);
-        if (two) {
-          _tile_stored(2, c[1], 64);
-          _tile_stored(3, c[3], 64);
-        }
+        // accumulator 2 h + t: weight rows n + 16 h .. + 15 against x tile t (1 stays zero
+        // with one x tile)
+        store_accumulators(c, 4);
         for (int h = 0; h < 2 && n + 16 * h < N; ++h)
           store_tiles(yb, ldy, bb, c + 2 * h, two ? 2 : 1, 0, n + 16 * h, M, N);
         continue;
@@ -176,10 +169,7 @@ void inferd_gemm_q4_amx(void* y, int64_t ldy, const void* x, int64_t ldx, const 
       for (int64_t t0 = 0; t0 < mt; t0 += 4) {  // 1 weight tile (rows n..n+15) x 1-4 x tiles
         const int nt = static_cast<int>(std::min<int64_t>(4, mt - t0));
         const __m512i* xg = xt0 + t0 * nb * 16;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        zero_accumulators(nt);
         for (int64_t b = 0; b < nb; ++b) {
           bf16* a = blockbuf[b & 1];
           dequant_rows<16>(a, qs, d, m, n, N, nb, b);
@@ -199,10 +189,7 @@ void inferd_gemm_q4_amx(void* y, int64_t ldy, const void* x, int64_t ldx, const 
             _tile_dpbf16ps(3, 4, 5);
           }
         }
-        _tile_stored(0, c[0], 64);
-        if (nt > 1) _tile_stored(1, c[1], 64);
-        if (nt > 2) _tile_stored(2, c[2], 64);
-        if (nt > 3) _tile_stored(3, c[3], 64);
+        store_accumulators(c, nt);
         store_tiles(yb, ldy, bb, c, nt, t0, n, M, N);
       }
     }
