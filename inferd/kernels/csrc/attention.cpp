@@ -32,21 +32,24 @@ inline void for_each_token(const T* cache, const int32_t* table, int64_t start, 
 // share at a time between arithmetic. Why: issued as one burst of ~200 at the start of a run
 // (for_each_run), the prefetches stall on the core's miss buffers, and perf put ~17% of the
 // AVX512-BF16 decode sweep on that stall (Zen 4) even with the whole cache in L3. Spread over
-// the key pass, with the values sent to L2 only (pass 2 reads them after the whole sequence's
-// keys, by when L1 has long evicted them): 64 sequences x 288 tokens, 30 layers, scattered
-// blocks, 34.5-38.9 -> 28.4-33.6 ms (values into L1 as well: 35 ms).
+// the key pass and sent to L2 only (prefetcht1: L2 tracks more misses than L1, and pass 2
+// reads the values after the whole sequence's keys, by when L1 has evicted them). 64
+// sequences x 288 tokens, 30 layers, scattered blocks, alternating: burst into L1 29.3-38.4 ms,
+// spread into L1 28.4-33.6, spread into L2 22.9-25.9; 16 x 192: 6.6-7.0 -> 4.6 ms. Two or
+// three blocks ahead measured no better than one.
 struct SpreadPrefetch {
   const char* base[2] = {nullptr, nullptr};
   int64_t row_bytes = 0, line_bytes = 0, rows_bytes = 0, total = 0, next = 0;
   int c = 0;                      // which cache the next line is of
   int64_t row_off = 0, line = 0;  // its row's offset in the block and its offset in the row
+  bool to_l1 = false;
   void issue(int64_t n) {
     for (const int64_t stop = std::min(total, next + n); next < stop; ++next) {
       const char* p = base[c] + row_off + line;
-      if (c == 0)
+      if (to_l1)
         __builtin_prefetch(p);
       else
-        __builtin_prefetch(p, 0, 2);  // the twin is read in a later pass: L2 is enough
+        __builtin_prefetch(p, 0, 2);
       if ((line += 64) == line_bytes) {
         line = 0;
         if ((row_off += row_bytes) == rows_bytes) row_off = 0, ++c;
@@ -92,6 +95,7 @@ inline void for_each_run(const T* cache, const int32_t* table, int64_t start, in
                          Fn fn) {
   for_each_run_spread(cache, table, start, end, block_size, row, head_offset, head_dim,
                       [&](int64_t t, const T* p, int64_t n, SpreadPrefetch& pf) {
+                        pf.to_l1 = true;
                         pf.issue(pf.total);
                         fn(t, p, n);
                       });
