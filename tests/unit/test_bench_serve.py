@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from inferd.bench import serve as bench
-from inferd.bench.client import RequestSpec, StreamTracker, send_request
+from inferd.bench.client import RequestSpec, StreamTracker, send_request, send_request_aiohttp
 from inferd.bench.prompts import fit_words, token_id_prompts, word_prompts
 from inferd.bench.server_proc import split_env_assignments, tree_rss_bytes
 from inferd.bench.sse import SSEParser
@@ -164,6 +164,53 @@ def test_send_request_over_a_mock_transport() -> None:
 
     ok, bad = asyncio.run(go())
     assert ok.ok and ok.output_tokens == 2 and ok.prompt_tokens == 4 and ok.ttft is not None
+    assert bad.error == "HTTP 404: no such model"
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+def test_both_transports_read_a_real_stream_alike(transport: str) -> None:
+    """A real HTTP server (aiohttp.web on a loopback port) writes the SSE body in 5-byte pieces
+    (events and UTF-8 characters split across reads); either transport must time and count it
+    the same, and turn a 404 into the server's message."""
+    from aiohttp import web
+    body = sse(completion_chunk("Hel", 1), completion_chunk("lo", 2),
+               {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2}},
+               "[DONE]").replace("Hel", "\u20ac\u20ac").encode()  # raw 3-byte characters
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if (await request.json())["model"] != "m":
+            return web.json_response({"error": {"message": "no such model"}}, status=404)
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(0, len(body), 5):
+            await resp.write(body[i:i + 5])
+            await asyncio.sleep(0)
+        return resp
+
+    async def go() -> list[RequestResult]:
+        app = web.Application()
+        app.router.add_post("/v1/completions", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        specs = [RequestSpec("completions", "m", 2), RequestSpec("completions", "x", 2)]
+        try:
+            if transport == "httpx":
+                async with httpx.AsyncClient(base_url=url, trust_env=False) as client:
+                    return [await send_request(client, s, [1, 2], i, 0.0)
+                            for i, s in enumerate(specs)]
+            import aiohttp
+            async with aiohttp.ClientSession() as session:
+                return [await send_request_aiohttp(session, url, s, [1, 2], i, 0.0)
+                        for i, s in enumerate(specs)]
+        finally:
+            await runner.cleanup()
+
+    ok, bad = asyncio.run(go())
+    assert ok.ok, ok.error
+    assert (ok.output_tokens, ok.prompt_tokens, ok.chunks) == (2, 4, 2) and ok.ttft is not None
     assert bad.error == "HTTP 404: no such model"
 
 
