@@ -271,6 +271,10 @@ def test_reruns_get_fresh_prompts_unless_seeded() -> None:
     (a, seed_a), (b, seed_b) = prompts(), prompts()
     assert a != b and seed_a != seed_b
     assert prompts("--seed", str(seed_a)) == (a, seed_a)
+    # one seed, two prompt lengths: no prompt of one starts like a prompt of the other
+    short, _ = prompts("--seed", "7")
+    long, _ = prompts("--seed", "7", "--input-len", str(2 * len(short[0])))
+    assert not {tuple(p[:16]) for p in short} & {tuple(p[:16]) for p in long}
 
 def test_workload_presets_and_overrides() -> None:
     parser = bench.build_parser()
