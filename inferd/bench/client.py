@@ -18,7 +18,7 @@ import codecs
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import httpx
 
@@ -69,18 +69,28 @@ class RequestSpec:
 async def send_request(client: httpx.AsyncClient, spec: RequestSpec, prompt: str | list[int],
                        index: int, run_start: float) -> RequestResult:
     """Send one request and measure it; failures become `result.error`, never exceptions."""
+    async def go(result: RequestResult, t0: float) -> None:
+        if spec.stream:
+            await _streamed(client, spec, prompt, result, t0)
+        else:
+            await _unstreamed(client, spec, prompt, result)
+    return await _measured(spec, index, run_start, go, (httpx.HTTPError,))
+
+
+async def _measured(spec: RequestSpec, index: int, run_start: float,
+                    go: Callable[[RequestResult, float], Awaitable[None]],
+                    transport_errors: tuple[type[Exception], ...]) -> RequestResult:
+    """Run go(result, t0) under the request's time limit; its transport's errors and the
+    timeout become `result.error`, and the end-to-end time is set either way."""
     result = RequestResult(index=index)
     t0 = time.perf_counter()
     result.start = t0 - run_start
     try:
         async with asyncio.timeout(spec.timeout_s):
-            if spec.stream:
-                await _streamed(client, spec, prompt, result, t0)
-            else:
-                await _unstreamed(client, spec, prompt, result)
+            await go(result, t0)
     except TimeoutError:
         result.error = f"timed out after {spec.timeout_s:g}s"
-    except httpx.HTTPError as e:
+    except transport_errors as e:
         result.error = f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS]
     result.e2e = time.perf_counter() - t0
     return result
@@ -228,31 +238,23 @@ async def send_request_aiohttp(session: Any, base_url: str, spec: RequestSpec,
                                ) -> RequestResult:
     """As send_request, over an aiohttp.ClientSession, to base_url (no trailing slash)."""
     import aiohttp
-    result = RequestResult(index=index)
-    t0 = time.perf_counter()
-    result.start = t0 - run_start
-    try:
-        async with asyncio.timeout(spec.timeout_s):
-            async with session.post(base_url + spec.path, json=spec.body(prompt)) as resp:
-                if resp.status != 200:
-                    text = (await resp.read()).decode(errors="replace")
-                    result.error = _http_error(resp.status, text)
-                elif not spec.stream:
-                    _on_unstreamed(json.loads(await resp.read()), result)
-                else:
-                    await _streamed_aiohttp(resp, spec, result, t0)
-    except TimeoutError:
-        result.error = f"timed out after {spec.timeout_s:g}s"
-    except (aiohttp.ClientError, ValueError) as e:
-        result.error = f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS]
-    result.e2e = time.perf_counter() - t0
-    return result
+
+    async def go(result: RequestResult, t0: float) -> None:
+        async with session.post(base_url + spec.path, json=spec.body(prompt)) as resp:
+            if resp.status != 200:
+                result.error = _http_error(resp.status, (await resp.read()).decode(errors="replace"))
+            elif not spec.stream:
+                _on_unstreamed(json.loads(await resp.read()), result)
+            else:
+                await _streamed_aiohttp(resp, spec, result, t0)
+    # ValueError: a body that is not JSON, or a stream that is not UTF-8
+    return await _measured(spec, index, run_start, go, (aiohttp.ClientError, ValueError))
 
 
 async def _streamed_aiohttp(resp: Any, spec: RequestSpec, result: RequestResult,
                             t0: float) -> None:
     parser = SSEParser()
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # reads split characters
+    decoder = codecs.getincrementaldecoder("utf-8")()  # reads split characters; strict
     tracker = StreamTracker(result, t0, spec.endpoint, spec.max_events)
     async for chunk in resp.content.iter_any():
         if tracker.on_events(parser.feed(decoder.decode(chunk)), time.perf_counter()):

@@ -245,7 +245,8 @@ async def benchmark(ns: argparse.Namespace) -> tuple[dict[str, Any], list[Reques
     return {"run": run, "summary": summary, "short_requests": short}, results
 
 
-async def _load(send: Callable[..., Awaitable[RequestResult]], ns: argparse.Namespace, spec: RequestSpec, all_prompts: list
+async def _load(send: Callable[..., Awaitable[RequestResult]], ns: argparse.Namespace,
+                spec: RequestSpec, all_prompts: list
                 ) -> tuple[list[RequestResult], float, list[str]]:
     """The warm-up requests, then the measured ones, through `send`."""
     warm_errors: list[str] = []

@@ -169,9 +169,9 @@ def test_send_request_over_a_mock_transport() -> None:
 
 @pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
 def test_both_transports_read_a_real_stream_alike(transport: str) -> None:
-    """A real HTTP server (aiohttp.web on a loopback port) writes the SSE body in 5-byte pieces
-    (events and UTF-8 characters split across reads); either transport must time and count it
-    the same, and turn a 404 into the server's message."""
+    """A real HTTP server (aiohttp.web on a loopback port) writes the SSE body, with raw
+    multi-byte characters, in 5-byte pieces; either transport must time and count it the same,
+    and turn a 404 into the server's message."""
     from aiohttp import web
     body = sse(completion_chunk("Hel", 1), completion_chunk("lo", 2),
                {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2}},
@@ -192,9 +192,9 @@ def test_both_transports_read_a_real_stream_alike(transport: str) -> None:
         app.router.add_post("/v1/completions", handler)
         runner = web.AppRunner(app)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        url = f"http://127.0.0.1:{port}"
         specs = [RequestSpec("completions", "m", 2), RequestSpec("completions", "x", 2)]
         try:
             if transport == "httpx":
@@ -212,6 +212,28 @@ def test_both_transports_read_a_real_stream_alike(transport: str) -> None:
     assert ok.ok, ok.error
     assert (ok.output_tokens, ok.prompt_tokens, ok.chunks) == (2, 4, 2) and ok.ttft is not None
     assert bad.error == "HTTP 404: no such model"
+
+
+def test_aiohttp_stream_decodes_characters_split_across_reads() -> None:
+    """The network may cut a UTF-8 character between two reads (the real server above does not
+    reliably do so): each read decoded alone would fail, the incremental decoder must not."""
+    from inferd.bench.client import _streamed_aiohttp
+    body = sse(completion_chunk("\u20ac", 1), "[DONE]").replace("\\u20ac", "\u20ac").encode()
+    cut = body.index("\u20ac".encode()) + 1  # inside the 3-byte character
+
+    class Content:
+        async def iter_any(self):
+            yield body[:cut]
+            yield body[cut:]
+
+    class Resp:
+        content = Content()
+
+    r = RequestResult(index=0)
+    asyncio.run(_streamed_aiohttp(Resp(), RequestSpec("completions", "m", 1), r, 0.0))
+    assert r.ok and r.output_tokens == 1 and r.chunks == 1, r.error
+    with pytest.raises(UnicodeDecodeError):
+        body[:cut].decode()
 
 
 # --- statistics ----------------------------------------------------------------------------------
