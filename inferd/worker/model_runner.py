@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from inferd.attention.metadata import AttentionMetadata, build_batch
@@ -34,19 +35,24 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     Zeros, not `empty`: masked attention still multiplies unused slots by 0, and 0 * NaN
     from stale memory would poison the result. The first write to each page is a page fault,
     which is why the block pool recycles written blocks when it can (`kv_cache/block_pool.py`).
-    numpy advises transparent huge pages for arrays this large (MADV_HUGEPAGE), so where THP
-    is in madvise mode the pool is faulted in 2 MiB at a time (the engine's AnonHugePages
-    shows it). Measured on the 2-core VM: a fresh 2 MiB page faults in at 1.36 s/GiB against
-    0.68 for 4 KiB, yet (iii)-like offline runs gave the same throughput with the advice
-    turned off (621 / 608 against 606 / 627 tok/s), and decode attention over an engine-sized
-    pool took 31-33 ms per 64-sequence step either way: the page size is left to numpy.
+
+    A plain anonymous mapping, not numpy's zeros: numpy advises transparent huge pages for
+    large arrays (MADV_HUGEPAGE), and where THP's defrag is "madvise" (the usual default) a
+    fault in an advised range may stop to compact memory for a 2 MiB page. On the 2-core Zen 4
+    VM the first 2048-token prefill of a fresh engine spent 1.34 s in `write_kv` that way
+    (later ones: ~10 ms); without the advice the first wave of 16 requests ran as fast as the
+    ones after it (5.5 against 7.0 s), and sessions 6 and 9 found no steady-state gain from
+    the huge pages (decode attention over an engine-sized pool the same either way).
     """
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    np_dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[itemsize]
-    # numpy's large zeros come from calloc -> mmap, i.e. untouched zero pages.
-    return torch.from_numpy(np.zeros(shape, dtype=np_dtype)).view(dtype)
+    nbytes = itemsize * math.prod(shape)
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    # The tensor keeps `buf` alive; the mapping goes when the last view of the cache does.
+    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
 
 
 class ModelRunner:

@@ -253,3 +253,44 @@ def test_prefix_cache_stats_count_once_per_request(enable):
         assert (q, h) == (18, 8)
     else:
         assert (q, h) == (0, 0)
+
+
+def _mappings_over(lo: int, hi: int) -> tuple[int, set[str]]:
+    """Rss in kB summed, and VmFlags joined, over the /proc/self/smaps mappings meeting
+    [lo, hi) (an madvise can split one allocation into several)."""
+    rss, flags, inside = 0, set(), False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                a, b = (int(x, 16) for x in head.split("-"))
+                inside = a < hi and lo < b
+            elif inside and head == "Rss:":
+                rss += int(line.split()[1])
+            elif inside and head == "VmFlags:":
+                flags |= set(line.split()[1:])
+    assert flags, f"no mapping meets {lo:#x}"
+    return rss, flags
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/smaps"), reason="Linux only")
+def test_lazy_kv_pool_is_zero_lazily_committed_and_not_huge_page_advised():
+    import torch
+
+    from inferd.worker.model_runner import lazy_zeros
+    cache = lazy_zeros((2, 4096, 16, 4, 64), torch.bfloat16, torch.device("cpu"))  # 64 MiB
+    assert cache.shape == (2, 4096, 16, 4, 64) and cache.dtype == torch.bfloat16
+    assert cache.is_contiguous()
+    span = (cache.data_ptr(), cache.data_ptr() + cache.numel() * 2)
+    rss, flags = _mappings_over(*span)
+    # "hg" is MADV_HUGEPAGE: advised ranges may stall on compaction at their first write.
+    assert "hg" not in flags and rss < 1024, (rss, flags)
+    cache[1, 100:102] = 2.5  # two blocks: a few pages, not the pool
+    rss_after, _ = _mappings_over(*span)
+    assert rss_after < 1024
+    view = cache[1]
+    del cache
+    import gc
+    gc.collect()
+    assert float(view.float().sum()) == 2.5 * 2 * 16 * 4 * 64  # the rest still reads as zeros
+    assert lazy_zeros((0, 8), torch.float32, torch.device("cpu")).shape == (0, 8)
