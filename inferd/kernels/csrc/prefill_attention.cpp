@@ -12,7 +12,11 @@
 //   dot products with the row's pairs broadcast; an online softmax (running max, sum, fp32);
 //   p rounded to bf16 and out += p . V as 32 key pairs x D / 16 dot products, 4 rows' fp32
 //   outputs in registers. Measured against torch's bf16 SDPA on the same shapes (Zen 4): 2.2x
-//   at 16 x 128 tokens, 1.5x at 8 x 256, 1.1x at 1 x 2048.
+//   at 16 x 128 tokens, 1.5x at 8 x 256, 1.1x at 1 x 2048 (before the two changes below).
+// The products live in templates on the group and vector counts (qk_scores, pv_accumulate):
+// with a runtime count, GCC kept the 16 accumulators in memory, a store and a load around
+// every product (1.55-1.8x slower, same bits). And a unit of work is a span of up to 256
+// positions whose keys are packed once for all its tiles, not once per tile.
 // The output is out / l rounded once. Rows past a sequence's causal limit are masked per key.
 #include "api.h"
 #include "common.h"
@@ -21,7 +25,8 @@ namespace inferd {
 namespace {
 
 #if defined(__AVX512BF16__)
-constexpr int64_t kQTile = 16;  // query positions per unit of work (32 measured no better)
+constexpr int64_t kQTile = 16;  // query positions per tile (32 measured no better)
+constexpr int64_t kSpan = 256;  // query positions per unit of work (tiles sharing one K/V pack)
 constexpr int kMaxD = 256;      // head_dim limit (multiple of 32)
 constexpr int kRows = 4;        // rows per pass: 4 x 4 output accumulators + 4 V vectors
 constexpr int kSub = 4;         // 16-key groups per softmax step (64 keys)
@@ -41,7 +46,7 @@ struct Prefill {
 // products' operands, zero past n16: K^T pairs kt[dp][j] = (k[j][2dp], k[j][2dp + 1]) (a 16 x 16
 // transpose of 32-bit pairs per 32 dims) and value pairs vp[kp][d] = (v[2kp][d], v[2kp + 1][d]).
 // Both are also AMX's B-tile layouts.
-inline void pack_kv_group(uint32_t (*kt)[16], uint32_t (*vp)[kMaxD], const bf16* kbase,
+inline void pack_kv_group(uint32_t (*kt)[16], uint32_t* vp, int64_t vstride, const bf16* kbase,
                           const bf16* vbase, int64_t row, int64_t D, int64_t n16) {
   for (int64_t c = 0; c < D / 2; c += 16) {
     __m512i rows[16];
@@ -57,8 +62,24 @@ inline void pack_kv_group(uint32_t (*kt)[16], uint32_t (*vp)[kMaxD], const bf16*
           reinterpret_cast<const __m256i*>(vbase + j0 * row + d))) : _mm512_setzero_si512();
       const __m512i a1 = j1 < n16 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
           reinterpret_cast<const __m256i*>(vbase + j1 * row + d))) : _mm512_setzero_si512();
-      _mm512_store_si512(vp[kp] + d, _mm512_or_si512(a0, _mm512_slli_epi32(a1, 16)));
+      _mm512_store_si512(vp + kp * vstride + d, _mm512_or_si512(a0, _mm512_slli_epi32(a1, 16)));
     }
+  }
+}
+
+// Keys k0 .. k_end (k0 a multiple of 16) of KV head g, packed once for every tile of a span:
+// group i (keys k0 + 16i ..) as K^T pairs at kt + i * D * 8 ([D / 2][16]) and value pairs at
+// vp + i * 8 * D ([8][D]); zero past k_end.
+inline void pack_kv_span(const Prefill& a, const int32_t* table, int64_t g, int64_t k0,
+                         int64_t k_end, uint32_t* kt, uint32_t* vp) {
+  const int64_t row = a.kv_heads * a.D;
+  const bf16* kc = a.kv;
+  const bf16* vc = a.kv + a.num_blocks * a.block_size * row;
+  for (int64_t i = 0, key = k0; key <= k_end; ++i, key += 16) {
+    const int64_t at = (static_cast<int64_t>(table[key / a.block_size]) * a.block_size +
+                        key % a.block_size) * row + g * a.D;
+    pack_kv_group(reinterpret_cast<uint32_t (*)[16]>(kt + i * a.D * 8), vp + i * 8 * a.D, a.D,
+                  kc + at, vc + at, row, a.D, std::min<int64_t>(16, k_end + 1 - key));
   }
 }
 
@@ -72,23 +93,74 @@ inline void pack_kv_step(const Prefill& a, const int32_t* table, int64_t g, int6
     const int64_t k0 = kb + 16 * sb;
     const int64_t at = (static_cast<int64_t>(table[k0 / a.block_size]) * a.block_size +
                         k0 % a.block_size) * row + g * a.D;
-    pack_kv_group(kt[sb], vp + 8 * sb, kc + at, vc + at, row, a.D, std::min<int64_t>(16, nk - 16 * sb));
+    pack_kv_group(kt[sb], vp[8 * sb], kMaxD, kc + at, vc + at, row, a.D,
+                  std::min<int64_t>(16, nk - 16 * sb));
   }
+}
+
+// Scores of kRows query rows against NS 16-key groups: sc[i][sb] = q_i . k (pair layout),
+// with NS a constant so that the loop keeps its accumulators in registers.
+template <int NS>
+inline void qk_scores(__m512 (&sc)[kRows][kSub], const uint32_t* const (&qr)[kRows],
+                      const uint32_t* kts, int64_t DP) {
+  __m512 acc[kRows][NS];  // local, not sc itself: GCC keeps an array it can index in memory
+#pragma GCC unroll 4
+  for (int i = 0; i < kRows; ++i)
+#pragma GCC unroll 4
+    for (int sb = 0; sb < NS; ++sb) acc[i][sb] = _mm512_setzero_ps();
+  for (int64_t dp = 0; dp < DP; ++dp) {
+    __m512bh kv[NS];
+#pragma GCC unroll 4
+    for (int sb = 0; sb < NS; ++sb)
+      kv[sb] = reinterpret_cast<__m512bh>(_mm512_load_si512(kts + (sb * DP + dp) * 16));
+#pragma GCC unroll 4
+    for (int i = 0; i < kRows; ++i) {
+      const __m512bh qv = reinterpret_cast<__m512bh>(_mm512_set1_epi32(qr[i][dp]));
+#pragma GCC unroll 4
+      for (int sb = 0; sb < NS; ++sb) acc[i][sb] = _mm512_dpbf16_ps(acc[i][sb], kv[sb], qv);
+    }
+  }
+  for (int i = 0; i < kRows; ++i)
+    for (int sb = 0; sb < NS; ++sb) sc[i][sb] = acc[i][sb];
+}
+
+// o[i][0 .. 16 NC) = o[i] * av[i] + sum over key pairs kp < nkp of p_i[kp] . vp[kp], for rows
+// i < rg (o rows `ostride` floats apart, vp rows `vstride` words apart), NC constant as above.
+template <int NC>
+inline void pv_accumulate(float* o, int64_t ostride, int rg, const __m512 (&av)[kRows],
+                          const uint32_t (&pp)[kRows][8 * kSub], const uint32_t* vp,
+                          int64_t vstride, int nkp) {
+  __m512 acc[kRows][NC];
+  for (int i = 0; i < kRows; ++i)
+    for (int j = 0; j < NC; ++j)
+      acc[i][j] = i < rg ? _mm512_mul_ps(_mm512_load_ps(o + i * ostride + 16 * j), av[i])
+                         : _mm512_setzero_ps();
+  for (int kp = 0; kp < nkp; ++kp) {
+    __m512bh vv[NC];
+    for (int j = 0; j < NC; ++j) {
+      __m512i v = _mm512_load_si512(vp + kp * vstride + 16 * j);
+      asm("" : "+v"(v));  // one load per vector: GCC would reload it for every row
+      vv[j] = reinterpret_cast<__m512bh>(v);
+    }
+    for (int i = 0; i < kRows; ++i) {
+      const __m512bh pv = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pp[i][kp]));
+      for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], vv[j], pv);
+    }
+  }
+  for (int i = 0; i < rg; ++i)
+    for (int j = 0; j < NC; ++j) _mm512_store_ps(o + i * ostride + 16 * j, acc[i][j]);
 }
 
 // One unit: sequence rows [start, start + lq) at positions ctx .. ctx + lq - 1 (the tile's
 // rows p0 .. p0 + np - 1), KV head g.
-void prefill_tile(const Prefill& a, const int32_t* table, int64_t start, int64_t ctx,
-                  int64_t p0, int64_t np, int64_t g) {
+void prefill_tile(const Prefill& a, int64_t start, int64_t ctx, int64_t p0, int64_t np,
+                  int64_t g, const uint32_t* kt, const uint32_t* vp, int64_t k0) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t D = a.D, G = a.heads / a.kv_heads, R = np * G, DP = D / 2, DC = D / 16;
   // rows r = p * G + h: query position p0 + p, head g * G + h
   std::vector<__m512> o_buf(R * D / 16);  // fp32 output rows [R, D], 64-byte aligned
   float* o = reinterpret_cast<float*>(o_buf.data());
   float mx[kQTile * 8], sum[kQTile * 8];  // G <= 8
-  // K^T pairs per 16-key group: kt[s][dp][j] = (k[16s + j][2dp], k[16s + j][2dp + 1])
-  alignas(64) uint32_t kt[kSub][kMaxD / 2][16];
-  alignas(64) uint32_t vp[8 * kSub][kMaxD];  // vp[kp][d] = (v[2kp][d], v[2kp + 1][d])
   for (int64_t r = 0; r < R; ++r) {
     mx[r] = kNegInf;
     sum[r] = 0.f;
@@ -101,7 +173,9 @@ void prefill_tile(const Prefill& a, const int32_t* table, int64_t start, int64_t
     // past q_hi are never used, and are zero here
     const int64_t nk = std::min<int64_t>(16 * kSub, q_hi + 1 - kb);
     const int ns = static_cast<int>((nk + 15) / 16);
-    pack_kv_step(a, table, g, kb, nk, kt, vp);
+    const int64_t gi = (kb - k0) / 16;  // the step's first group in the packed span
+    const uint32_t* kts = kt + gi * D * 8;
+    const uint32_t* vps = vp + gi * 8 * D;
     for (int64_t r0 = 0; r0 < R; r0 += kRows) {  // kRows rows at a time: independent chains
       const int rg = static_cast<int>(std::min<int64_t>(kRows, R - r0));
       const uint32_t* qr[kRows];
@@ -112,15 +186,11 @@ void prefill_tile(const Prefill& a, const int32_t* table, int64_t start, int64_t
                                                   (g * G + h) * D);
         for (int sb = 0; sb < kSub; ++sb) sc[i][sb] = _mm512_setzero_ps();
       }
-      for (int64_t dp = 0; dp < DP; ++dp) {
-        __m512bh kv4[kSub];
-        for (int sb = 0; sb < kSub; ++sb)
-          kv4[sb] = reinterpret_cast<__m512bh>(_mm512_load_si512(kt[sb][dp]));
-        for (int i = 0; i < kRows; ++i) {
-          const __m512bh qv = reinterpret_cast<__m512bh>(_mm512_set1_epi32(qr[i][dp]));
-          for (int sb = 0; sb < kSub; ++sb)
-            if (sb < ns) sc[i][sb] = _mm512_dpbf16_ps(sc[i][sb], kv4[sb], qv);
-        }
+      switch (ns) {  // constant group counts keep the 4 x ns accumulators in registers
+        case 1: qk_scores<1>(sc, qr, kts, DP); break;
+        case 2: qk_scores<2>(sc, qr, kts, DP); break;
+        case 3: qk_scores<3>(sc, qr, kts, DP); break;
+        default: qk_scores<4>(sc, qr, kts, DP); break;
       }
       alignas(64) uint32_t pp[kRows][8 * kSub];  // each row's p as bf16 key pairs
       __m512 av[kRows];
@@ -160,25 +230,13 @@ void prefill_tile(const Prefill& a, const int32_t* table, int64_t start, int64_t
       }
       const int nkp = 8 * ns;
       for (int64_t c = 0; c < DC; c += 4) {  // 4 x 16 output dims of every row in registers
-        const int nc = static_cast<int>(std::min<int64_t>(4, DC - c));
-        __m512 acc[kRows][4];
-        for (int i = 0; i < kRows; ++i)
-          for (int j = 0; j < 4; ++j)
-            acc[i][j] = i < rg && j < nc
-                ? _mm512_mul_ps(_mm512_load_ps(o + (r0 + i) * D + 16 * (c + j)), av[i])
-                : _mm512_setzero_ps();
-        for (int kp = 0; kp < nkp; ++kp) {
-          __m512bh vv[4];
-          for (int j = 0; j < 4; ++j)
-            vv[j] = reinterpret_cast<__m512bh>(j < nc ? _mm512_load_si512(vp[kp] + 16 * (c + j))
-                                                      : _mm512_setzero_si512());
-          for (int i = 0; i < kRows; ++i) {
-            const __m512bh pv = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pp[i][kp]));
-            for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], vv[j], pv);
-          }
+        float* oc = o + r0 * D + 16 * c;
+        switch (std::min<int64_t>(4, DC - c)) {
+          case 1: pv_accumulate<1>(oc, D, rg, av, pp, vps + 16 * c, D, nkp); break;
+          case 2: pv_accumulate<2>(oc, D, rg, av, pp, vps + 16 * c, D, nkp); break;
+          case 3: pv_accumulate<3>(oc, D, rg, av, pp, vps + 16 * c, D, nkp); break;
+          default: pv_accumulate<4>(oc, D, rg, av, pp, vps + 16 * c, D, nkp); break;
         }
-        for (int i = 0; i < rg; ++i)
-          for (int j = 0; j < nc; ++j) _mm512_store_ps(o + (r0 + i) * D + 16 * (c + j), acc[i][j]);
       }
     }
   }
@@ -378,10 +436,12 @@ void inferd_prefill_attention(void* out, int64_t out_stride, const void* q, int6
 #if defined(__AVX512BF16__)
 #if defined(INFERD_HAS_AMX)
   const bool amx = use_amx && inferd_amx_init() == 1;
-  const int64_t tile = amx ? kQTileAmx : kQTile;
+  // AVX512-BF16: a unit of work is a span of kSpan positions, whose keys are packed once for
+  // all of its 16-position tiles (AMX tiles are long enough to pack per tile)
+  const int64_t span = amx ? kQTileAmx : kSpan;
 #else
   (void)use_amx;
-  const int64_t tile = kQTile;
+  const int64_t span = kSpan;
 #endif
   const Prefill a{static_cast<const bf16*>(q), q_stride, static_cast<bf16*>(out), out_stride,
                   static_cast<const bf16*>(kv_cache), num_blocks, block_size, heads, kv_heads,
@@ -390,8 +450,8 @@ void inferd_prefill_attention(void* out, int64_t out_stride, const void* q, int6
   std::vector<Item> items;
   for (int64_t i = first; i < num_seqs; ++i) {
     const int64_t lq = query_start[i + 1] - query_start[i];
-    // the longest tiles (latest positions) first: dynamic scheduling then balances the tail
-    for (int64_t p0 = (lq - 1) / tile * tile; p0 >= 0; p0 -= tile)
+    // the longest spans (latest positions) first: dynamic scheduling then balances the tail
+    for (int64_t p0 = (lq - 1) / span * span; p0 >= 0; p0 -= span)
       for (int64_t g = 0; g < kv_heads; ++g) items.push_back({i, p0, g});
   }
 #pragma omp parallel
@@ -399,19 +459,31 @@ void inferd_prefill_attention(void* out, int64_t out_stride, const void* q, int6
 #if defined(INFERD_HAS_AMX)
     if (amx) configure_tiles();
 #endif
+    std::vector<__m512i> kbuf, vbuf;  // this thread's packed span (64-byte aligned)
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < static_cast<int64_t>(items.size()); ++it) {
       const Item& w = items[it];
       const int64_t start = query_start[w.seq], lq = query_start[w.seq + 1] - start;
+      const int64_t ctx = seq_lens[w.seq] - lq, np = std::min(span, lq - w.p0);
       const int32_t* table = block_tables + w.seq * table_stride;
 #if defined(INFERD_HAS_AMX)
       if (amx) {
-        prefill_tile_amx(a, table, start, seq_lens[w.seq] - lq, w.p0, std::min(tile, lq - w.p0),
-                         w.g);
+        prefill_tile_amx(a, table, start, ctx, w.p0, np, w.g);
         continue;
       }
 #endif
-      prefill_tile(a, table, start, seq_lens[w.seq] - lq, w.p0, std::min(tile, lq - w.p0), w.g);
+      const int64_t k_lo = window > 0 ? std::max<int64_t>(0, ctx + w.p0 - window + 1) : 0;
+      const int64_t k0 = k_lo / 16 * 16, k_end = ctx + w.p0 + np - 1;
+      const int64_t groups = (k_end - k0) / 16 + 1, words = groups * head_dim * 8;  // per K or V
+      if (static_cast<int64_t>(kbuf.size()) < words / 16) {
+        kbuf.resize(words / 16);
+        vbuf.resize(words / 16);
+      }
+      uint32_t* kt = reinterpret_cast<uint32_t*>(kbuf.data());
+      uint32_t* vp = reinterpret_cast<uint32_t*>(vbuf.data());
+      pack_kv_span(a, table, w.g, k0, k_end, kt, vp);
+      for (int64_t t0 = w.p0; t0 < w.p0 + np; t0 += kQTile)
+        prefill_tile(a, start, ctx, t0, std::min(kQTile, w.p0 + np - t0), w.g, kt, vp, k0);
     }
 #if defined(INFERD_HAS_AMX)
     if (amx) _tile_release();
