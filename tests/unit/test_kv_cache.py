@@ -284,10 +284,11 @@ def test_lazy_kv_pool_is_zero_lazily_committed_and_not_huge_page_advised():
     span = (cache.data_ptr(), cache.data_ptr() + cache.numel() * 2)
     rss, flags = _mappings_over(*span)
     # "hg" is MADV_HUGEPAGE: advised ranges may stall on compaction at their first write.
-    assert "hg" not in flags and rss < 1024, (rss, flags)
+    # (kB; under THP "always" a first write may still commit a 2 MiB page, not 64 MiB)
+    assert "hg" not in flags and rss < 8192, (rss, flags)
     cache[1, 100:102] = 2.5  # two blocks: a few pages, not the pool
     rss_after, _ = _mappings_over(*span)
-    assert rss_after < 1024
+    assert rss_after < 8192
     view = cache[1]
     del cache
     import gc
