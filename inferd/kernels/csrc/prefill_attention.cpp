@@ -42,6 +42,16 @@ struct Prefill {
   float scale;
 };
 
+// Where key `key` of KV head g lies in the K half of the cache (elements); its V is
+// kv_v_offset(a) further on.
+inline int64_t kv_offset(const Prefill& a, const int32_t* table, int64_t key, int64_t g) {
+  return (static_cast<int64_t>(table[key / a.block_size]) * a.block_size + key % a.block_size) *
+             a.kv_heads * a.D + g * a.D;
+}
+inline int64_t kv_v_offset(const Prefill& a) {
+  return a.num_blocks * a.block_size * a.kv_heads * a.D;
+}
+
 // Keys 0 .. n16 - 1 of one cache block (rows `row` elements apart, one KV head of D) as the
 // products' operands, zero past n16: K^T pairs kt[dp][j] = (k[j][2dp], k[j][2dp + 1]) (a 16 x 16
 // transpose of 32-bit pairs per 32 dims) and value pairs vp[kp][d] = (v[2kp][d], v[2kp + 1][d]).
@@ -73,13 +83,11 @@ inline void pack_kv_group(uint32_t (*kt)[16], uint32_t* vp, int64_t vstride, con
 inline void pack_kv_span(const Prefill& a, const int32_t* table, int64_t g, int64_t k0,
                          int64_t k_end, uint32_t* kt, uint32_t* vp) {
   const int64_t row = a.kv_heads * a.D;
-  const bf16* kc = a.kv;
-  const bf16* vc = a.kv + a.num_blocks * a.block_size * row;
   for (int64_t i = 0, key = k0; key <= k_end; ++i, key += 16) {
-    const int64_t at = (static_cast<int64_t>(table[key / a.block_size]) * a.block_size +
-                        key % a.block_size) * row + g * a.D;
+    const int64_t at = kv_offset(a, table, key, g);
     pack_kv_group(reinterpret_cast<uint32_t (*)[16]>(kt + i * a.D * 8), vp + i * 8 * a.D, a.D,
-                  kc + at, vc + at, row, a.D, std::min<int64_t>(16, k_end + 1 - key));
+                  a.kv + at, a.kv + kv_v_offset(a) + at, row, a.D,
+                  std::min<int64_t>(16, k_end + 1 - key));
   }
 }
 
@@ -87,13 +95,9 @@ inline void pack_kv_span(const Prefill& a, const int32_t* table, int64_t g, int6
 inline void pack_kv_step(const Prefill& a, const int32_t* table, int64_t g, int64_t kb, int64_t nk,
                          uint32_t (*kt)[kMaxD / 2][16], uint32_t (*vp)[kMaxD]) {
   const int64_t row = a.kv_heads * a.D;
-  const bf16* kc = a.kv;
-  const bf16* vc = a.kv + a.num_blocks * a.block_size * row;
   for (int64_t sb = 0; 16 * sb < nk; ++sb) {
-    const int64_t k0 = kb + 16 * sb;
-    const int64_t at = (static_cast<int64_t>(table[k0 / a.block_size]) * a.block_size +
-                        k0 % a.block_size) * row + g * a.D;
-    pack_kv_group(kt[sb], vp[8 * sb], kMaxD, kc + at, vc + at, row, a.D,
+    const int64_t at = kv_offset(a, table, kb + 16 * sb, g);
+    pack_kv_group(kt[sb], vp[8 * sb], kMaxD, a.kv + at, a.kv + kv_v_offset(a) + at, row, a.D,
                   std::min<int64_t>(16, nk - 16 * sb));
   }
 }
@@ -151,8 +155,8 @@ inline void pv_accumulate(float* o, int64_t ostride, int rg, const __m512 (&av)[
     for (int j = 0; j < NC; ++j) _mm512_store_ps(o + i * ostride + 16 * j, acc[i][j]);
 }
 
-// One unit: sequence rows [start, start + lq) at positions ctx .. ctx + lq - 1 (the tile's
-// rows p0 .. p0 + np - 1), KV head g.
+// One tile: rows p0 .. p0 + np - 1 of the sequence whose rows start at `start`, at positions
+// ctx + p0 .., KV head g, against its span's keys packed from k0 (pack_kv_span).
 void prefill_tile(const Prefill& a, int64_t start, int64_t ctx, int64_t p0, int64_t np,
                   int64_t g, const uint32_t* kt, const uint32_t* vp, int64_t k0) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -169,8 +173,8 @@ void prefill_tile(const Prefill& a, int64_t start, int64_t ctx, int64_t p0, int6
   const int64_t k_lo = a.window > 0 ? std::max<int64_t>(0, q_lo - a.window + 1) : 0;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t kb = k_lo / 16 * 16; kb <= q_hi; kb += 16 * kSub) {
-    // keys kb .. kb + 16 kSub - 1 in kSub groups of 16 (each inside one cache block); keys
-    // past q_hi are never used, and are zero here
+    // keys kb .. kb + 16 kSub - 1 in kSub groups of 16 (each inside one cache block); past
+    // q_hi the span holds later positions' keys (zeros past its end), which the masks drop
     const int64_t nk = std::min<int64_t>(16 * kSub, q_hi + 1 - kb);
     const int ns = static_cast<int>((nk + 15) / 16);
     const int64_t gi = (kb - k0) / 16;  // the step's first group in the packed span
