@@ -481,3 +481,17 @@ def test_prefill_attention_refuses_shapes_it_does_not_serve(bf16_lib):
     with pytest.raises(ValueError):
         kernels.prefill_attention(bf16_lib, q, kv, meta.block_tables, meta.seq_lens_t, qs, 0,
                                   0.1, None, torch.empty_like(q))
+
+
+@pytest.mark.parametrize("block_size", [8, 32])
+@pytest.mark.parametrize("window", [None, 37])
+def test_decode_attention_other_block_sizes(lib, block_size, window):
+    """The bf16 value pass pairs rows inside a block; blocks of 8 or 32 and windows that start
+    at odd positions must pair (and mask) the same rows as the reference."""
+    contexts = list(range(0, 70, 3)) + [201]
+    kv, meta, q = paged_decode_case(9, 3, 64, contexts, torch.bfloat16, block_size=block_size)
+    ours = kernels.decode_attention(lib, q, kv, meta.block_tables, meta.seq_lens_t, 0.125,
+                                    window, None)
+    ref = TorchSDPABackend()._decodes(q.double(), kv.double(), meta, 0.125, window, None)
+    torch.testing.assert_close(ours.double(), ref, atol=TOL[torch.bfloat16],
+                               rtol=TOL[torch.bfloat16])
