@@ -75,6 +75,25 @@ struct SpreadPrefetch {
   }
 };
 
+// The rows [head_offset, + head_dim) of every token of block `blk` (of `cache`, then of `twin`
+// when given) as a SpreadPrefetch queue.
+template <typename T>
+inline SpreadPrefetch block_prefetch(const T* cache, const T* twin, int64_t blk,
+                                     int64_t block_size, int64_t row, int64_t head_offset,
+                                     int64_t head_dim) {
+  SpreadPrefetch pf;
+  const int64_t base = blk * block_size * row + head_offset;
+  pf.base[0] = reinterpret_cast<const char*>(cache + base);
+  if (twin) pf.base[1] = reinterpret_cast<const char*>(twin + base);
+  const int64_t lines_per_row = (head_dim * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+  pf.row_bytes = row * sizeof(T);
+  pf.line_bytes = 64 * lines_per_row;
+  pf.rows_bytes = block_size * pf.row_bytes;
+  pf.total = (twin ? 2 : 1) * block_size * lines_per_row;
+  pf.flat = pf.line_bytes == pf.row_bytes;
+  return pf;
+}
+
 // As for_each_run, but fn(t, ptr, n, pf) gets the next block's prefetches to issue as it goes;
 // whatever it leaves is issued when it returns.
 template <typename T, typename Fn>
@@ -85,17 +104,8 @@ inline void for_each_run_spread(const T* cache, const int32_t* table, int64_t st
     const int64_t blk = pos / block_size, off = pos % block_size;
     const int64_t n = std::min(end, (blk + 1) * block_size) - pos;
     SpreadPrefetch pf;
-    if ((blk + 1) * block_size < end) {
-      const int64_t base = static_cast<int64_t>(table[blk + 1]) * block_size * row + head_offset;
-      pf.base[0] = reinterpret_cast<const char*>(cache + base);
-      if (twin) pf.base[1] = reinterpret_cast<const char*>(twin + base);
-      const int64_t lines_per_row = (head_dim * static_cast<int64_t>(sizeof(T)) + 63) / 64;
-      pf.row_bytes = row * sizeof(T);
-      pf.line_bytes = 64 * lines_per_row;
-      pf.rows_bytes = block_size * pf.row_bytes;
-      pf.total = (twin ? 2 : 1) * block_size * lines_per_row;
-      pf.flat = pf.line_bytes == pf.row_bytes;
-    }
+    if ((blk + 1) * block_size < end)
+      pf = block_prefetch(cache, twin, table[blk + 1], block_size, row, head_offset, head_dim);
     fn(pos - start,
        cache + (static_cast<int64_t>(table[blk]) * block_size + off) * row + head_offset, n, pf);
     pf.issue(pf.total);
@@ -240,11 +250,11 @@ inline void pv_sweep(bf16* out, const uint16_t* p_all, int64_t Lp, const float* 
     const int64_t n = std::min(L - t, block_size - off);
     const bf16* base =
         v_cache + (static_cast<int64_t>(table[blk]) * block_size + off) * row + head_off;
-    if (t + n < L) {  // the next block's rows of this head into L1
-      const char* next = reinterpret_cast<const char*>(
-          v_cache + static_cast<int64_t>(table[blk + 1]) * block_size * row + head_off);
-      for (int64_t r = 0; r < block_size; ++r)
-        for (int64_t b = 0; b < D * 2; b += 64) __builtin_prefetch(next + r * row * 2 + b);
+    if (t + n < L) {  // the next block's rows of this head into L1, as for_each_run does
+      SpreadPrefetch pf = block_prefetch<bf16>(v_cache, nullptr, table[blk + 1], block_size, row,
+                                               head_off, D);
+      pf.to_l1 = true;
+      pf.issue(pf.total);
     }
     for (int64_t j = 0; j < n; j += 2) {
       const bf16* v0 = base + j * row;
